@@ -1,0 +1,53 @@
+# Pico: the fixed make targets (see docs/architecture.md).
+#   make setup  - Debian packages + .venv with the project installed (idempotent)
+#   make test   - setup, build libpico, run the whole suite
+#   make demo   - setup, run the main job on configs/demo.yaml
+#   make bench  - setup, run every benchmark (quick mode with QUICK=1)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+DEB_PACKAGES := iptables libnetfilter-queue-dev openvswitch-switch openvswitch-common \
+                iputils-ping ethtool tcpdump curl gcc make iproute2 procps
+PYTEST_ARGS ?=
+
+.PHONY: setup deb venv lib test demo bench clean
+
+setup: deb venv lib
+
+# Install only what is missing, so a second run costs a dpkg query.
+deb:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	    | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" != 0 ]; then echo "make setup: need root to install: $$missing" >&2; exit 1; fi; \
+	    echo "installing Debian packages: $$missing"; \
+	    export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(VPY) -m pip install -q -e '.[net,test]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(VPY) -c "import posix_ipc, numpy, zmq, yaml, netfilterqueue, faucet, pytest" 2>/dev/null
+	touch $@
+
+venv: $(VENV)/.installed
+
+lib:
+	$(MAKE) -C shared --no-print-directory
+
+# pytest exit code 5 means "no tests collected": that is a failure for us, said clearly.
+test: setup
+	@set +e; $(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc = 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+demo: setup
+	$(VENV)/bin/pico-demo --config configs/demo.yaml
+
+bench: setup
+	$(VENV)/bin/pico-bench all $(if $(QUICK),--quick) --json docs/bench-all.json
+
+clean:
+	$(MAKE) -C shared clean --no-print-directory
+	rm -rf $(VENV) build *.egg-info

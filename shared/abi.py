@@ -1,0 +1,171 @@
+"""Python mirror of shared/pico_abi.h: constants and numpy dtypes with explicit offsets.
+
+pico_abi.h is the specification; this module must agree with it byte for byte, and
+tests/test_abi_offsets.py compiles a C program that prints every offsetof/sizeof and compares.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+ABI_MAJOR = 1
+ABI_MINOR = 0
+
+MAGIC = int.from_bytes(b"PICOSEG1", "little")
+READY = int.from_bytes(b"REDY", "little")
+CLOSED = int.from_bytes(b"CLSD", "little")
+
+SEG_FLOWS = 1
+SEG_PACKETS = 2  # reserved: PMM packet rings
+SEG_GROUPS = 3   # reserved: RM group table
+SEG_KIND_NAMES = {SEG_FLOWS: "flows", SEG_PACKETS: "packets", SEG_GROUPS: "groups"}
+
+STATUS_FREE = 0
+STATUS_ACTIVE = 1
+STATUS_STANDBY = 2
+STATUS_TOMBSTONE = 3
+STATUS_NAMES = {0: "free", 1: "active", 2: "standby", 3: "tombstone"}
+
+GROUP_DEFAULT = 0
+MAX_CLIENTS = 64
+SLOT_HEADER = 96
+SLOT_ALIGN = 32
+SEM_PREFIX_LEN = 48
+
+FLOW_DESC_OFFSET = 128
+FLOW_COUNTERS_OFFSET = 256
+CLIENTS_OFFSET = 384
+
+LANG_PYTHON = 1
+LANG_C = 2
+
+
+def _struct(spec: list[tuple[str, str | tuple, int]], itemsize: int) -> np.dtype:
+    """A little-endian structured dtype from (name, format, offset) triples."""
+    names = [n for n, _, _ in spec]
+    formats = [f for _, f, _ in spec]
+    offsets = [o for _, _, o in spec]
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets,
+                     "itemsize": itemsize})
+
+
+SEG_HEADER = _struct([
+    ("magic", "<u8", 0),
+    ("abi_major", "<u4", 8),
+    ("abi_minor", "<u4", 12),
+    ("kind", "<u4", 16),
+    ("header_size", "<u4", 20),
+    ("segment_size", "<u8", 24),
+    ("owner_pid", "<i8", 32),
+    ("owner_start_time", "<u8", 40),
+    ("created_ns", "<u8", 48),
+    ("owner_replica", "<u4", 56),
+    ("reserved0", "<u4", 60),
+    ("reserved", ("<u8", 7), 64),
+    ("ready", "<u4", 120),
+    ("reserved1", "<u4", 124),
+], 128)
+
+FLOW_DESC = _struct([
+    ("n_slots", "<u8", 0),
+    ("capacity", "<u8", 8),
+    ("slot_size", "<u4", 16),
+    ("state_size", "<u4", 20),
+    ("n_stripes", "<u4", 24),
+    ("slots_per_stripe", "<u4", 28),
+    ("max_per_stripe", "<u4", 32),
+    ("lock_timeout_ms", "<u4", 36),
+    ("clients_offset", "<u8", 40),
+    ("stripes_offset", "<u8", 48),
+    ("slots_offset", "<u8", 56),
+    ("sem_prefix", f"S{SEM_PREFIX_LEN}", 64),
+    ("reserved", ("<u8", 2), 112),
+], 128)
+
+FLOW_COUNTERS = _struct([
+    ("standby_installed", "<u8", 0),
+    ("activated", "<u8", 8),
+    ("lock_recoveries", "<u8", 16),
+    ("txn_recoveries", "<u8", 24),
+    ("client_recoveries", "<u8", 32),
+    ("heartbeat_ns", "<u8", 40),
+    ("reserved", ("<u8", 10), 48),
+], 128)
+
+CLIENT = _struct([
+    ("pid", "<i8", 0),
+    ("start_time", "<u8", 8),
+    ("attached_ns", "<u8", 16),
+    ("lang", "<u4", 24),
+    ("reserved0", "<u4", 28),
+    ("name", "S32", 32),
+], 64)
+
+STRIPE = _struct([
+    ("holder_pid", "<i8", 0),
+    ("acquisitions", "<u8", 8),
+    ("live", "<u4", 16),
+    ("tombstones", "<u4", 20),
+    ("recoveries", "<u8", 24),
+    ("pad", ("u1", 32), 32),
+], 64)
+
+FLOW_KEY = _struct([
+    ("addr_a", ("u1", 16), 0),
+    ("addr_b", ("u1", 16), 16),
+    ("port_a", "<u2", 32),
+    ("port_b", "<u2", 34),
+    ("proto", "u1", 36),
+    ("family", "u1", 37),
+    ("pad", ("u1", 2), 38),
+], 40)
+
+SLOT_HEADER_DTYPE = _struct([
+    ("key", FLOW_KEY, 0),
+    ("status", "<u4", 40),
+    ("owner", "<u2", 44),
+    ("flags", "<u2", 46),
+    ("group", "<u4", 48),
+    ("refcount", "<u4", 52),
+    ("version", "<u8", 56),
+    ("ckpt_epoch", "<u8", 64),
+    ("modified", "<u4", 72),
+    ("txn_pid", "<i4", 76),
+    ("hash", "<u8", 80),
+    ("reserved", "<u8", 88),
+], SLOT_HEADER)
+
+#: C struct name -> dtype, for the offset agreement test.
+C_STRUCTS = {
+    "pico_seg_header": SEG_HEADER,
+    "pico_flow_desc": FLOW_DESC,
+    "pico_flow_counters": FLOW_COUNTERS,
+    "pico_client": CLIENT,
+    "pico_stripe": STRIPE,
+    "pico_flow_key": FLOW_KEY,
+    "pico_flow_slot": SLOT_HEADER_DTYPE,
+}
+
+
+def slot_size(state_size: int) -> int:
+    """Bytes per slot: the 96-byte header plus the state, rounded up to 32."""
+    return -(-(SLOT_HEADER + state_size) // SLOT_ALIGN) * SLOT_ALIGN
+
+
+def slot_dtype(state_size: int) -> np.dtype:
+    """A whole slot (header + state blob) for a table with this state size."""
+    fields = dict(SLOT_HEADER_DTYPE.fields)
+    names = list(SLOT_HEADER_DTYPE.names) + ["state"]
+    formats = [fields[n][0] for n in SLOT_HEADER_DTYPE.names] + [("u1", state_size)]
+    offsets = [fields[n][1] for n in SLOT_HEADER_DTYPE.names] + [SLOT_HEADER]
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets,
+                     "itemsize": slot_size(state_size)})
+
+
+def flow_layout(n_slots: int, n_stripes: int, state_size: int) -> dict[str, int]:
+    """Offsets and total size of a flow-state segment, as the header documents them."""
+    clients = CLIENTS_OFFSET
+    stripes = -(-(clients + MAX_CLIENTS * CLIENT.itemsize) // 64) * 64
+    slots = -(-(stripes + n_stripes * STRIPE.itemsize) // 4096) * 4096
+    size = slots + n_slots * slot_size(state_size)
+    return {"clients_offset": clients, "stripes_offset": stripes, "slots_offset": slots,
+            "slot_size": slot_size(state_size), "segment_size": -(-size // 4096) * 4096}

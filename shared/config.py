@@ -1,0 +1,481 @@
+"""Load and validate a Pico cluster configuration (one YAML file per cluster).
+
+The schema is declarative: each section is a dict of ``Field`` specs, and one
+generic walker (``_build``) checks unknown keys, types, ranges and required
+keys, then builds frozen dataclasses.  Cross-references (unique ids and
+endpoints, group targets) are checked afterwards in ``_check_references``.
+To add a key: add a ``Field`` to the section's dict *and* an attribute to its
+dataclass (an import-time assertion keeps the two in sync).  To add a section:
+same, one level up, in ``TOP``.
+
+Every problem raises ``ConfigError`` with the file, 1-based line and dotted
+key path (e.g. ``replicas.r1.smm_endpoint``).
+
+Public API: ``load_config``, ``parse_config``, ``DEFAULT_CONFIG``,
+``ClusterConfig`` (``.replica(name)``, ``.replica_by_id(id)``),
+``ClusterSection``, ``FlowTableConfig`` (``.n_slots``, ``.slots_per_stripe``),
+``ControlConfig``, ``ReplicaConfig``, ``GroupConfig``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from shared.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+SCHEMA_VERSION = 1
+
+REQUIRED = object()  # sentinel: a Field without a default must be present
+
+
+# --------------------------------------------------------------------------- result types
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterSection:
+    name: str
+    shm_prefix: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowTableConfig:
+    capacity: int = 65536
+    state_size: int = 64
+    lock_stripes: int = 1024
+    lock_timeout_ms: int = 1000
+
+    @property
+    def n_slots(self) -> int:
+        """Slots in the table: smallest power of two >= ceil(capacity*4/3) and >= 16 per stripe.
+
+        The 4/3 keeps the load factor at most 75% when full; the 16-per-stripe
+        floor keeps every stripe big enough for its share of probing.
+        """
+        need = max(-(-self.capacity * 4 // 3), self.lock_stripes * 16)
+        return 1 << (need - 1).bit_length()
+
+    @property
+    def slots_per_stripe(self) -> int:
+        return self.n_slots // self.lock_stripes
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControlConfig:
+    max_message_bytes: int = 16 * 1024 * 1024
+    request_timeout_ms: int = 2000
+    heartbeat_interval_ms: int = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicaConfig:
+    name: str
+    id: int
+    smm_endpoint: str
+    rm_endpoint: str | None = None
+    pmm_endpoint: str | None = None
+    metrics_port: int | None = None
+    namespace: str | None = None
+    nfqueue: int = 1
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """The configured endpoints of this replica, by key (smm_endpoint, ...)."""
+        return {k: getattr(self, k) for k in ENDPOINT_KEYS if getattr(self, k) is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupConfig:
+    name: str
+    id: int
+    frequency_hz: int = 1000
+    target: str | None = None
+    buffering: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    path: str
+    version: int
+    cluster: ClusterSection
+    flow_table: FlowTableConfig
+    control: ControlConfig
+    replicas: dict[str, ReplicaConfig]
+    groups: dict[str, GroupConfig]
+
+    def replica(self, name: str) -> ReplicaConfig:
+        try:
+            return self.replicas[name]
+        except KeyError:
+            known = ", ".join(self.replicas)
+            raise ConfigError(f"no replica named {name!r} in {self.path}; known: {known}") from None
+
+    def replica_by_id(self, id: int) -> ReplicaConfig:
+        for rep in self.replicas.values():
+            if rep.id == id:
+                return rep
+        known = ", ".join(f"{r.name}={r.id}" for r in self.replicas.values())
+        raise ConfigError(f"no replica with id {id!r} in {self.path}; known: {known}")
+
+
+# --------------------------------------------------------------------------- schema
+
+@dataclass(frozen=True)
+class Field:
+    """One key: its accepted type(s), default (REQUIRED if none), value check, and doc.
+
+    ``type`` is a Python type, a tuple of types (``type(None)`` allows null),
+    a ``Section`` (nested mapping) or a ``MapOf`` (mapping of named items).
+    ``check(value)`` returns None if fine, else a phrase like "must be 1..10".
+    """
+    type: Any
+    default: Any = REQUIRED
+    check: Callable[[Any], str | None] | None = None
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Section:
+    """A mapping with fixed keys, built into ``cls``; ``injected`` attrs come from the caller, not YAML."""
+    fields: dict[str, Field]
+    cls: type
+    injected: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MapOf:
+    """A mapping of user-chosen names to items of one Section (e.g. replicas)."""
+    item: Section
+    name_pattern: str
+    min_items: int = 0
+
+
+def in_range(lo: int, hi: int) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None or lo <= v <= hi else f"must be between {lo} and {hi}, got {v}"
+
+
+def all_of(*checks: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    return lambda v: next((msg for c in checks if (msg := c(v))), None)
+
+
+def matches(pattern: str, what: str) -> Callable[[Any], str | None]:
+    rx = re.compile(pattern)
+    return lambda v: None if v is None or rx.fullmatch(v) else f"{v!r} is not a valid {what} (must match {pattern})"
+
+
+def equals(expected: Any, hint: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v == expected else f"must be {expected!r}, got {v!r}; {hint}"
+
+
+def multiple_of(n: int) -> Callable[[Any], str | None]:
+    return lambda v: None if v % n == 0 else f"must be a multiple of {n}, got {v}"
+
+
+def power_of_two(v: int) -> str | None:
+    return None if v > 0 and v & (v - 1) == 0 else f"must be a power of two, got {v}"
+
+
+_TCP = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>[0-9]{1,5})")
+_IPC = re.compile(r"ipc://\S+")
+
+
+def endpoint(v: str | None) -> str | None:
+    """Accept tcp://HOST:PORT (port 1..65535) or ipc://PATH, the forms ZeroMQ binds to."""
+    if v is None or _IPC.fullmatch(v):
+        return None
+    m = _TCP.fullmatch(v)
+    if m and 1 <= int(m["port"]) <= 65535:
+        return None
+    return f"{v!r} is not a valid endpoint; use tcp://HOST:PORT (port 1..65535) or ipc://PATH"
+
+
+_PORT = in_range(1, 65535)
+_ID = in_range(1, 65535)
+_OPT_STR = (str, type(None))
+_OPT_INT = (int, type(None))
+ENDPOINT_KEYS = ("smm_endpoint", "rm_endpoint", "pmm_endpoint")
+
+CLUSTER = Section({
+    "name": Field(str, check=matches(r"[a-z][a-z0-9-]{0,23}", "cluster name"),
+                  doc="cluster name; part of shared-memory names"),
+    "shm_prefix": Field(str, "pico", matches(r"[a-z][a-z0-9]{0,11}", "shm prefix"),
+                        "prefix of every shared-memory object name"),
+}, ClusterSection)
+
+FLOW_TABLE = Section({
+    "capacity": Field(int, 65536, in_range(1, 16_000_000), "max flows held at once"),
+    "state_size": Field(int, 64, all_of(in_range(8, 4096), multiple_of(8)), "bytes of state per flow"),
+    "lock_stripes": Field(int, 1024, all_of(in_range(1, 65536), power_of_two), "number of lock stripes"),
+    "lock_timeout_ms": Field(int, 1000, in_range(1, 60000), "stripe lock acquire timeout"),
+}, FlowTableConfig)
+
+CONTROL = Section({
+    "max_message_bytes": Field(int, 16 * 1024 * 1024, in_range(1024, 268435456), "largest control message"),
+    "request_timeout_ms": Field(int, 2000, in_range(10, 600000), "control request timeout"),
+    "heartbeat_interval_ms": Field(int, 100, in_range(10, 10000), "heartbeat period"),
+}, ControlConfig)
+
+REPLICA = Section({
+    "id": Field(int, check=_ID, doc="replica id, unique in the cluster"),
+    "smm_endpoint": Field(str, check=endpoint, doc="state-management module endpoint"),
+    "rm_endpoint": Field(_OPT_STR, None, endpoint, "replication manager endpoint"),
+    "pmm_endpoint": Field(_OPT_STR, None, endpoint, "packet management module endpoint"),
+    "metrics_port": Field(_OPT_INT, None, _PORT, "Prometheus metrics port"),
+    "namespace": Field(_OPT_STR, None, doc="network namespace the replica runs in"),
+    "nfqueue": Field(int, 1, in_range(0, 65535), "NFQUEUE number the PMM reads"),
+}, ReplicaConfig, injected=("name",))
+
+GROUP = Section({
+    "id": Field(int, check=in_range(1, 65535), doc="group id, unique; 0 is the default unprotected group"),
+    "frequency_hz": Field(int, 1000, in_range(10, 20000), "state replication frequency"),
+    "target": Field(_OPT_STR, None, doc="replica name that backs this group up"),
+    "buffering": Field(bool, True, doc="hold output packets until state is replicated"),
+}, GroupConfig, injected=("name",))
+
+TOP = Section({
+    "version": Field(int, check=equals(SCHEMA_VERSION, f"this Pico reads schema version {SCHEMA_VERSION}"),
+                     doc="schema version"),
+    "cluster": Field(CLUSTER),
+    "flow_table": Field(FLOW_TABLE, {}),
+    "control": Field(CONTROL, {}),
+    "replicas": Field(MapOf(REPLICA, r"[a-z][a-z0-9-]{0,14}", min_items=1)),
+    "groups": Field(MapOf(GROUP, r"[a-z][a-z0-9-]{0,23}"), {}),
+}, ClusterConfig, injected=("path",))
+
+
+def _assert_schema_matches_dataclasses() -> None:
+    # The schema and the dataclasses are written separately for readability;
+    # fail at import if someone adds a key to one but not the other.
+    for section in (CLUSTER, FLOW_TABLE, CONTROL, REPLICA, GROUP, TOP):
+        attrs = {f.name for f in dataclasses.fields(section.cls)} - set(section.injected)
+        assert attrs == set(section.fields), (section.cls.__name__, attrs ^ set(section.fields))
+
+
+_assert_schema_matches_dataclasses()
+
+
+# --------------------------------------------------------------------------- YAML loading
+
+class _Map(dict):
+    """A dict that remembers the 1-based line of each key, and where it starts."""
+    line: int | None = None
+    lines: dict
+    duplicates: list  # (key, line, first_line)
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that records key lines and duplicate keys (PyYAML silently keeps the last)."""
+
+    def construct_yaml_map(self, node):
+        data = _Map()
+        data.line, data.lines, data.duplicates = node.start_mark.line + 1, {}, []
+        yield data  # yield first so recursive (anchored) structures work, like PyYAML does
+        explicit = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # merged keys may legitimately be overridden
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in explicit:
+                    data.duplicates.append((key, line, explicit[key]))
+                else:
+                    explicit[key] = line
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    "found unhashable key", key_node.start_mark) from None
+        self.flatten_mapping(node)  # resolve `<<:` merges; explicit keys come last and win
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            data[key] = self.construct_object(value_node, deep=True)
+            data.lines[key] = key_node.start_mark.line + 1
+
+
+_LineLoader.add_constructor("tag:yaml.org,2002:map", _LineLoader.construct_yaml_map)
+
+
+def _load_yaml(text: str, path: str) -> tuple[Any, int]:
+    """Parse ``text``; return (data, line of the document start)."""
+    loader = _LineLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise ConfigError("file is empty; expected a mapping with version, cluster and replicas "
+                              "(see configs/demo.yaml)", path)
+        return loader.construct_document(node), node.start_mark.line + 1
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = ": ".join(p for p in (e.context, e.problem) if p)
+        # The parser notices a problem where it fails, often a line after the cause.
+        if e.context_mark and mark and e.context_mark.line != mark.line:
+            what += f" (the construct started at line {e.context_mark.line + 1})"
+        raise ConfigError(f"YAML syntax error: {what}; fix the YAML around this line",
+                          path, mark.line + 1 if mark else None) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"YAML error: {e}; fix the file", path) from None
+    finally:
+        loader.dispose()
+
+
+def _find_duplicates(data: Any, prefix: str, path: str) -> None:
+    """Raise on the first duplicate key anywhere in the tree, with its full key path."""
+    if isinstance(data, _Map):
+        for key, line, first in data.duplicates:
+            raise ConfigError(f"duplicate key (first defined at line {first}); keep only one",
+                              path, line, _join(prefix, key))
+        for key, value in data.items():
+            _find_duplicates(value, _join(prefix, key), path)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            _find_duplicates(value, f"{prefix}[{i}]", path)
+
+
+# --------------------------------------------------------------------------- validation
+
+_TYPE_NAMES = {int: "an integer", str: "a string", bool: "a boolean", float: "a number",
+               type(None): "null", dict: "a mapping", _Map: "a mapping", list: "a list"}
+
+
+def _type_name(t: Any) -> str:
+    return _TYPE_NAMES.get(t, getattr(t, "__name__", str(t)))
+
+
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _type_ok(value: Any, types: tuple) -> bool:
+    # bool is a subclass of int in Python, but `id: true` is a mistake, not 1.
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def _lines(raw: Any) -> dict:
+    return getattr(raw, "lines", {})
+
+
+def _build(section: Section, raw: Any, key: str, line: int | None, path: str,
+           inject: dict | None = None) -> Any:
+    """Validate mapping ``raw`` (found at ``key``/``line``) against ``section``; return its dataclass."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping, got {_type_name(type(raw))}; "
+                          f"write it as indented `key: value` lines", path, line, key or None)
+    allowed = list(section.fields)
+    for k in raw:
+        if k not in section.fields:
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown key {k!r}; {hint}allowed keys: {', '.join(allowed)}",
+                              path, _lines(raw).get(k, line), _join(key, k))
+    values = {}
+    for name, field in section.fields.items():
+        sub = _join(key, name)
+        if name in raw:
+            values[name] = _value(field, raw[name], sub, _lines(raw).get(name, line), path)
+        elif field.default is REQUIRED:
+            raise ConfigError(f"missing required key {name!r}" + (f" ({field.doc})" if field.doc else "")
+                              + "; add it", path, line, sub)
+        else:
+            # Defaults go through the same walker so sections get their own defaults.
+            values[name] = _value(field, field.default, sub, line, path)
+    return section.cls(**(inject or {}), **values)
+
+
+def _value(field: Field, value: Any, key: str, line: int | None, path: str) -> Any:
+    t = field.type
+    if isinstance(t, Section):
+        return _build(t, value, key, line, path)
+    if isinstance(t, MapOf):
+        return _build_map(t, value, key, line, path)
+    types = t if isinstance(t, tuple) else (t,)
+    if not _type_ok(value, types):
+        want = " or ".join(_type_name(x) for x in types)
+        raise ConfigError(f"expected {want}, got {_type_name(type(value))} ({value!r}); fix the value",
+                          path, line, key)
+    if field.check and (problem := field.check(value)):
+        raise ConfigError(f"{problem}; fix the value", path, line, key)
+    return value
+
+
+def _build_map(spec: MapOf, raw: Any, key: str, line: int | None, path: str) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping of name -> settings, got {_type_name(type(raw))}",
+                          path, line, key)
+    if len(raw) < spec.min_items:
+        raise ConfigError(f"needs at least {spec.min_items} entry; add one under it", path, line, key)
+    rx = re.compile(spec.name_pattern)
+    out = {}
+    for name, item in raw.items():
+        item_line = _lines(raw).get(name, line)
+        if not isinstance(name, str) or not rx.fullmatch(name):
+            raise ConfigError(f"invalid name {name!r}; rename it to match {spec.name_pattern}",
+                              path, item_line, _join(key, name))
+        out[name] = _build(spec.item, item, _join(key, name), item_line, path, {"name": name})
+    return out
+
+
+def _line_at(raw: Any, dotted: str) -> int | None:
+    """Line of a dotted key path in the raw tree (None if absent)."""
+    *parents, last = dotted.split(".")
+    for p in parents:
+        raw = raw.get(p) if isinstance(raw, dict) else None
+    return _lines(raw).get(last)
+
+
+def _check_references(cfg: ClusterConfig, raw: Any) -> None:
+    """Checks that span entries: unique ids and endpoints, groups pointing at real replicas."""
+    def unique(items, what: str) -> None:
+        seen: dict[Any, str] = {}
+        for value, key in items:
+            if value in seen:
+                first = seen[value]
+                raise ConfigError(f"duplicate {what} {value!r}, already used by {first} "
+                                  f"(line {_line_at(raw, first)}); pick a unique one",
+                                  cfg.path, _line_at(raw, key), key)
+            seen[value] = key
+
+    reps = cfg.replicas.values()
+    unique(((r.id, f"replicas.{r.name}.id") for r in reps), "replica id")
+    unique(((ep, f"replicas.{r.name}.{k}") for r in reps for k, ep in r.endpoints.items()), "endpoint")
+    unique(((g.id, f"groups.{g.name}.id") for g in cfg.groups.values()), "group id")
+    for g in cfg.groups.values():
+        if g.target is not None and g.target not in cfg.replicas:
+            key = f"groups.{g.name}.target"
+            raise ConfigError(f"target {g.target!r} is not a replica; use one of: {', '.join(cfg.replicas)} "
+                              "(or drop the key)",
+                              cfg.path, _line_at(raw, key), key)
+
+
+# --------------------------------------------------------------------------- public entry points
+
+def parse_config(text: str, path: str | Path = "<string>") -> ClusterConfig:
+    """Parse and validate a cluster config from YAML ``text``; ``path`` is used in errors."""
+    path = str(path)
+    raw, start = _load_yaml(text, path)
+    _find_duplicates(raw, "", path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"top level must be a mapping (version, cluster, replicas, ...), "
+                          f"got {_type_name(type(raw))}; see configs/demo.yaml for the layout", path, start)
+    cfg = _build(TOP, raw, "", start, path, {"path": path})
+    _check_references(cfg, raw)
+    return cfg
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG) -> ClusterConfig:
+    """Read, parse and validate the cluster config file at ``path``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file: {e.strerror or e}; check the path",
+                          str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8",
+                          str(path)) from None
+    return parse_config(text, path)

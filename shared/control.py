@@ -1,0 +1,76 @@
+"""A control-channel client: every request has a sequence number and a timeout (Lazy Pirate).
+
+The socket is a DEALER that sends the REQ-compatible envelope [b"", frame]. On a timeout the
+socket is closed and reopened (a late reply to an old request must not be taken for the next
+one), and ControlTimeout says which endpoint did not answer.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import zmq
+
+from . import wire
+from .errors import ControlTimeout, WireError
+
+
+class ControlClient:
+    def __init__(self, endpoint: str, timeout_ms: int = 2000, context: zmq.Context | None = None,
+                 max_bytes: int = 256 * 1024 * 1024):
+        self.endpoint = endpoint
+        self.timeout_ms = timeout_ms
+        self.max_bytes = max_bytes
+        self._ctx = context or zmq.Context.instance()
+        self._seq = itertools.count((os.getpid() & 0xFFFF) << 32 | 1)
+        self._sock = None
+        self._connect()
+
+    def _connect(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+
+    def request(self, type_: int, body: bytes = b"", timeout_ms: int | None = None) -> wire.Message:
+        """Send one request, wait for its reply; raise ControlTimeout or WireError (status != 0)."""
+        reply = self.request_raw(wire.encode(type_, next(self._seq), body), timeout_ms)
+        if reply.status != wire.OK:
+            raise WireError(reply.status, _error_text(reply))
+        return reply
+
+    def request_raw(self, frame: bytes, timeout_ms: int | None = None) -> wire.Message:
+        """Send a frame as is (tests send garbage this way) and return the decoded reply."""
+        seq = wire.peek_seq(frame)
+        timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        self._sock.send_multipart([b"", frame])
+        while True:
+            if not self._sock.poll(timeout, zmq.POLLIN):
+                self._connect()
+                raise ControlTimeout(f"no reply from {self.endpoint} within {timeout} ms: is the "
+                                     "peer running and reachable? (request seq "
+                                     f"{seq})")
+            parts = self._sock.recv_multipart()
+            msg = wire.decode(parts[-1], self.max_bytes)
+            if msg.seq == seq or wire.peek_seq(frame) == 0:
+                return msg
+            # A stale reply to an earlier, timed-out request: skip it.
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self) -> "ControlClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _error_text(msg: wire.Message) -> str:
+    try:
+        return wire.parse_json_body(msg.body).get("message", repr(msg.body[:200]))
+    except WireError:
+        return repr(msg.body[:200])

@@ -1,0 +1,387 @@
+"""The flow-state hash table over a buffer laid out as pico_abi.h's flow segment.
+
+FlowTable works on any writable buffer (a real shared-memory mapping, or a bytearray in unit
+tests) and any lock object with acquire(k)/release(k); it holds no process state beyond that, so
+the same code runs in the middlebox binding, the SMM and the tests. The hot path (get/put) uses
+struct on the buffer at offsets taken from the numpy dtypes; whole-table scans use numpy views.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from . import abi
+from .errors import FlowIsStandby, TableFull
+from .flowkey import KEY_SIZE, describe, hash_key
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_I32 = struct.Struct("<i")
+
+_F = {name: off for name, (_, off) in abi.SLOT_HEADER_DTYPE.fields.items()}
+_OFF_STATUS, _OFF_OWNER, _OFF_GROUP = _F["status"], _F["owner"], _F["group"]
+_OFF_REF, _OFF_VERSION, _OFF_EPOCH = _F["refcount"], _F["version"], _F["ckpt_epoch"]
+_OFF_MOD, _OFF_TXN, _OFF_HASH = _F["modified"], _F["txn_pid"], _F["hash"]
+_STRIPE_LIVE, _STRIPE_TOMB = abi.STRIPE.fields["live"][1], abi.STRIPE.fields["tombstones"][1]
+
+FREE, ACTIVE, STANDBY, TOMBSTONE = (abi.STATUS_FREE, abi.STATUS_ACTIVE, abi.STATUS_STANDBY,
+                                    abi.STATUS_TOMBSTONE)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes and offsets of one flow segment (the pico_flow_desc fields that matter)."""
+    n_slots: int
+    n_stripes: int
+    slots_per_stripe: int
+    max_per_stripe: int
+    state_size: int
+    slot_size: int
+    capacity: int
+    stripes_offset: int
+    slots_offset: int
+    clients_offset: int
+    segment_size: int
+
+    @classmethod
+    def plan(cls, capacity: int, state_size: int, n_stripes: int) -> "Geometry":
+        """The layout for a table of `capacity` flows: 4/3 headroom, runs of >= 16 slots."""
+        n_slots = 1
+        while n_slots < max(-(-capacity * 4 // 3), n_stripes * 16):
+            n_slots <<= 1
+        sps = n_slots // n_stripes
+        lay = abi.flow_layout(n_slots, n_stripes, state_size)
+        # A run may fill to 7/8: probe walks stay short and a FREE slot always ends them.
+        return cls(n_slots, n_stripes, sps, sps - sps // 8, state_size, lay["slot_size"],
+                   capacity, lay["stripes_offset"], lay["slots_offset"],
+                   lay["clients_offset"], lay["segment_size"])
+
+    @classmethod
+    def from_desc(cls, desc: np.ndarray, segment_size: int) -> "Geometry":
+        d = {name: int(desc[name]) for name in ("n_slots", "n_stripes", "slots_per_stripe",
+                                                 "max_per_stripe", "state_size", "slot_size",
+                                                 "capacity", "stripes_offset", "slots_offset",
+                                                 "clients_offset")}
+        return cls(segment_size=segment_size, **d)
+
+    def check(self, where: str) -> None:
+        """Raise SegmentCorrupt if these numbers cannot describe a real table."""
+        from .errors import SegmentCorrupt
+        pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+        problems = []
+        if not pow2(self.n_stripes) or not pow2(self.slots_per_stripe):
+            problems.append("stripes and slots per stripe must be powers of two")
+        if self.n_stripes * self.slots_per_stripe != self.n_slots:
+            problems.append("n_stripes * slots_per_stripe != n_slots")
+        if self.slot_size != abi.slot_size(self.state_size):
+            problems.append(f"slot_size {self.slot_size} != {abi.slot_size(self.state_size)}")
+        if self.slots_offset + self.n_slots * self.slot_size > self.segment_size:
+            problems.append("slots run past the end of the segment")
+        if not 0 < self.max_per_stripe <= self.slots_per_stripe:
+            problems.append("max_per_stripe out of range")
+        if problems:
+            raise SegmentCorrupt(f"flow segment {where}: " + "; ".join(problems) +
+                                 ": restart its SMM to rebuild it")
+
+
+def write_desc(desc: np.ndarray, g: Geometry, sem_prefix: str, lock_timeout_ms: int) -> None:
+    """Fill a pico_flow_desc record (the SMM, before publishing the segment)."""
+    for name in ("n_slots", "capacity", "slot_size", "state_size", "n_stripes",
+                 "slots_per_stripe", "max_per_stripe", "clients_offset", "stripes_offset",
+                 "slots_offset"):
+        desc[name] = getattr(g, name)
+    desc["lock_timeout_ms"] = lock_timeout_ms
+    desc["sem_prefix"] = sem_prefix.encode()
+
+
+class FlowTable:
+    """Insert, look up, delete flows; the middlebox transactions; SMM standby operations."""
+
+    def __init__(self, buf, geometry: Geometry, locks, replica_id: int):
+        self.g = geometry
+        self.locks = locks
+        self.replica_id = replica_id
+        self._buf = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
+        self._pid = os.getpid()
+        self._stripe_mask = geometry.n_stripes - 1
+        self._run_mask = geometry.slots_per_stripe - 1
+        self.slots = np.ndarray((geometry.n_slots,), dtype=abi.slot_dtype(geometry.state_size),
+                                buffer=self._buf, offset=geometry.slots_offset)
+        self.stripes = np.ndarray((geometry.n_stripes,), dtype=abi.STRIPE, buffer=self._buf,
+                                  offset=geometry.stripes_offset)
+
+    # ------------------------------------------------------------------ probing (lock held)
+    def _slot_off(self, idx: int) -> int:
+        return self.g.slots_offset + idx * self.g.slot_size
+
+    def _walk(self, key: bytes, h: int) -> tuple[int, int, int]:
+        """(match index or -1, its status, first reusable index or -1), stripe lock held.
+
+        A key has at most one slot: a TOMBSTONE with the same key is its match, and an insert
+        reuses exactly that slot, so an upsert never coexists with a pending delete.
+        """
+        buf, sps, mask = self._buf, self.g.slots_per_stripe, self._run_mask
+        base = (h & self._stripe_mask) * sps
+        home = (h >> 32) & mask
+        slots_off, slot_size = self.g.slots_offset, self.g.slot_size
+        reuse = -1
+        for i in range(sps):
+            idx = base + ((home + i) & mask)
+            off = slots_off + idx * slot_size
+            status = _U32.unpack_from(buf, off + _OFF_STATUS)[0]
+            if status == FREE:
+                return -1, FREE, (reuse if reuse >= 0 else idx)
+            if buf[off:off + KEY_SIZE] == key:
+                return idx, status, idx
+            if (status == TOMBSTONE and reuse < 0 and
+                    (_U32.unpack_from(buf, off + _OFF_MOD)[0] == 0 or
+                     _U32.unpack_from(buf, off + _OFF_GROUP)[0] == abi.GROUP_DEFAULT)):
+                reuse = idx
+        return -1, FREE, reuse
+
+    def _stripe_add(self, stripe: int, live: int, tomb: int) -> None:
+        off = self.g.stripes_offset + stripe * 64
+        buf = self._buf
+        if live:
+            _U32.pack_into(buf, off + _STRIPE_LIVE, _U32.unpack_from(buf, off + _STRIPE_LIVE)[0] + live)
+        if tomb:
+            _U32.pack_into(buf, off + _STRIPE_TOMB, _U32.unpack_from(buf, off + _STRIPE_TOMB)[0] + tomb)
+
+    def _claim(self, key: bytes, h: int, idx: int, old_status: int, status: int, group: int,
+               owner: int) -> int:
+        """Fill slot idx for key (stripe lock held) and publish its status last."""
+        stripe = h & self._stripe_mask
+        if self.stripes[stripe]["live"] >= self.g.max_per_stripe:
+            raise TableFull(f"flow table stripe {stripe} is full ({self.g.max_per_stripe} "
+                            f"flows; table capacity {self.g.capacity}) while adding "
+                            f"{describe(key)}: raise flow_table.capacity in the config")
+        off = self._slot_off(idx)
+        buf = self._buf
+        buf[off:off + KEY_SIZE] = key
+        _U16.pack_into(buf, off + _OFF_OWNER, owner)
+        _U32.pack_into(buf, off + _OFF_GROUP, group)
+        _U32.pack_into(buf, off + _OFF_REF, 0)
+        _U64.pack_into(buf, off + _OFF_VERSION, 0)
+        _U64.pack_into(buf, off + _OFF_EPOCH, 0)
+        _U32.pack_into(buf, off + _OFF_MOD, 1)
+        _I32.pack_into(buf, off + _OFF_TXN, 0)
+        _U64.pack_into(buf, off + _OFF_HASH, h)
+        state = off + abi.SLOT_HEADER
+        buf[state:state + self.g.state_size] = bytes(self.g.state_size)
+        _U32.pack_into(buf, off + _OFF_STATUS, status)  # publish last
+        self._stripe_add(stripe, 1, -1 if old_status == TOMBSTONE else 0)
+        return off
+
+    def _no_room(self, key: bytes, h: int) -> TableFull:
+        stripe = h & self._stripe_mask
+        return TableFull(f"flow table stripe {stripe} has no reusable slot for {describe(key)} "
+                         "(live flows and pending deletes fill it): the RM must checkpoint the "
+                         "deletes, or raise flow_table.capacity")
+
+    # ------------------------------------------------------------------ middlebox API
+    def get_flow(self, key: bytes, create: bool = False, group: int = abi.GROUP_DEFAULT,
+                 h: int | None = None) -> memoryview | None:
+        """Begin a transaction on key's ACTIVE flow: a writable view of its state, or None.
+
+        STANDBY flows are invisible (None); create=True on one raises FlowIsStandby. With
+        create=True an absent flow is inserted (state zeroed) in `group`.
+        """
+        if h is None:
+            h = hash_key(key)
+        stripe = h & self._stripe_mask
+        buf = self._buf
+        self.locks.acquire(stripe)
+        try:
+            idx, status, reuse = self._walk(key, h)
+            if status == ACTIVE:
+                off = self._slot_off(idx)
+            elif status == STANDBY:
+                if create:
+                    raise FlowIsStandby(f"{describe(key)} is a standby copy on replica "
+                                        f"{self.replica_id}: activate it (SMM activate) before "
+                                        "processing its packets")
+                return None
+            elif not create:
+                return None
+            elif reuse < 0:
+                raise self._no_room(key, h)
+            else:
+                off = self._claim(key, h, reuse, status, ACTIVE, group, self.replica_id)
+            _U32.pack_into(buf, off + _OFF_REF, _U32.unpack_from(buf, off + _OFF_REF)[0] + 1)
+            _I32.pack_into(buf, off + _OFF_TXN, self._pid)
+        finally:
+            self.locks.release(stripe)
+        state = off + abi.SLOT_HEADER
+        return buf[state:state + self.g.state_size]
+
+    def put_flow(self, key: bytes, modified: bool = True, h: int | None = None) -> bool:
+        """End a transaction; modified=True marks the flow for the next checkpoint."""
+        if h is None:
+            h = hash_key(key)
+        stripe = h & self._stripe_mask
+        buf = self._buf
+        self.locks.acquire(stripe)
+        try:
+            idx, status, _ = self._walk(key, h)
+            if status != ACTIVE:
+                return False
+            off = self._slot_off(idx)
+            ref = _U32.unpack_from(buf, off + _OFF_REF)[0]
+            if ref:
+                _U32.pack_into(buf, off + _OFF_REF, ref - 1)
+            if modified:
+                _U32.pack_into(buf, off + _OFF_MOD, 1)
+                _U64.pack_into(buf, off + _OFF_VERSION,
+                               _U64.unpack_from(buf, off + _OFF_VERSION)[0] + 1)
+            return True
+        finally:
+            self.locks.release(stripe)
+
+    def del_flow(self, key: bytes, h: int | None = None) -> bool:
+        """Delete an ACTIVE flow; it stays as a TOMBSTONE until its delete is checkpointed."""
+        if h is None:
+            h = hash_key(key)
+        stripe = h & self._stripe_mask
+        self.locks.acquire(stripe)
+        try:
+            idx, status, _ = self._walk(key, h)
+            if status != ACTIVE:
+                return False
+            self._tombstone(self._slot_off(idx), stripe)
+            return True
+        finally:
+            self.locks.release(stripe)
+
+    def _tombstone(self, off: int, stripe: int) -> None:
+        buf = self._buf
+        _U32.pack_into(buf, off + _OFF_STATUS, TOMBSTONE)
+        _U32.pack_into(buf, off + _OFF_REF, 0)
+        _U32.pack_into(buf, off + _OFF_MOD, 1)
+        _U64.pack_into(buf, off + _OFF_VERSION, _U64.unpack_from(buf, off + _OFF_VERSION)[0] + 1)
+        self._stripe_add(stripe, -1, 1)
+
+    def lookup(self, key: bytes) -> tuple[int, int]:
+        """(slot index, status) of key, or (-1, FREE); no transaction is counted."""
+        h = hash_key(key)
+        stripe = h & self._stripe_mask
+        self.locks.acquire(stripe)
+        try:
+            idx, status, _ = self._walk(key, h)
+            return idx, status
+        finally:
+            self.locks.release(stripe)
+
+    # ------------------------------------------------------------------ SMM: standby records
+    def install_standby(self, key: bytes, group: int, owner: int, version: int, epoch: int,
+                        state: bytes | memoryview | None) -> str:
+        """Install or update one standby record from a remote replica's checkpoint.
+
+        state=None means the flow was deleted at the primary. Returns what happened:
+        'installed', 'updated', 'deleted', 'absent' (delete of an unknown flow), or 'conflict'
+        (the key is ACTIVE here: we never overwrite live state with a backup copy).
+        """
+        h = hash_key(key)
+        stripe = h & self._stripe_mask
+        self.locks.acquire(stripe)
+        try:
+            idx, status, reuse = self._walk(key, h)
+            if status == ACTIVE:
+                return "conflict"
+            if state is None:
+                if status != STANDBY:
+                    return "absent"
+                off = self._slot_off(idx)
+                _U32.pack_into(self._buf, off + _OFF_STATUS, TOMBSTONE)
+                # Backup-side tombstones carry nothing to checkpoint: reusable at once.
+                _U32.pack_into(self._buf, off + _OFF_MOD, 0)
+                self._stripe_add(stripe, -1, 1)
+                return "deleted"
+            if status == STANDBY:
+                off, result = self._slot_off(idx), "updated"
+            elif reuse < 0:
+                raise self._no_room(key, h)
+            else:
+                off = self._claim(key, h, reuse, status, STANDBY, group, owner)
+                result = "installed"
+            buf = self._buf
+            _U32.pack_into(buf, off + _OFF_GROUP, group)
+            _U16.pack_into(buf, off + _OFF_OWNER, owner)
+            _U64.pack_into(buf, off + _OFF_VERSION, version)
+            _U64.pack_into(buf, off + _OFF_EPOCH, epoch)
+            _U32.pack_into(buf, off + _OFF_MOD, 0)
+            n = min(len(state), self.g.state_size)
+            s = off + abi.SLOT_HEADER
+            buf[s:s + n] = state[:n]
+            return result
+        finally:
+            self.locks.release(stripe)
+
+    def activate_slots(self, indices: Iterable[int], new_group: int | None = None) -> list[bytes]:
+        """STANDBY -> ACTIVE for these slots (rechecked under their stripe lock); their keys.
+
+        Activated flows become owned by this replica and marked modified, so that a group that
+        replicates them to a new backup re-protects them at its next checkpoint.
+        """
+        by_stripe: dict[int, list[int]] = {}
+        for idx in indices:
+            by_stripe.setdefault(int(idx) // self.g.slots_per_stripe, []).append(int(idx))
+        keys, buf = [], self._buf
+        for stripe, idxs in sorted(by_stripe.items()):
+            self.locks.acquire(stripe)
+            try:
+                for idx in idxs:
+                    off = self._slot_off(idx)
+                    if _U32.unpack_from(buf, off + _OFF_STATUS)[0] != STANDBY:
+                        continue
+                    _U16.pack_into(buf, off + _OFF_OWNER, self.replica_id)
+                    if new_group is not None:
+                        _U32.pack_into(buf, off + _OFF_GROUP, new_group)
+                    _U32.pack_into(buf, off + _OFF_REF, 0)
+                    _U32.pack_into(buf, off + _OFF_MOD, 1)
+                    _U32.pack_into(buf, off + _OFF_STATUS, ACTIVE)
+                    keys.append(bytes(buf[off:off + KEY_SIZE]))
+            finally:
+                self.locks.release(stripe)
+        return keys
+
+    def standby_indices(self, owner: int | None = None, group: int | None = None) -> np.ndarray:
+        """Slots holding STANDBY copies, optionally of one owner replica and/or group."""
+        mask = self.slots["status"] == STANDBY
+        if owner is not None:
+            mask &= self.slots["owner"] == owner
+        if group is not None:
+            mask &= self.slots["group"] == group
+        return np.flatnonzero(mask)
+
+    def key_indices(self, keys: Iterable[bytes]) -> list[int]:
+        out = []
+        for key in keys:
+            idx, status = self.lookup(key)
+            if status == STANDBY:
+                out.append(idx)
+        return out
+
+    # ------------------------------------------------------------------ introspection
+    def counts(self) -> dict[str, int]:
+        status = self.slots["status"]
+        return {name: int(np.count_nonzero(status == code))
+                for code, name in abi.STATUS_NAMES.items()}
+
+    def describe_slot(self, idx: int) -> dict:
+        s = self.slots[idx]
+        key = bytes(self._buf[self._slot_off(idx):self._slot_off(idx) + KEY_SIZE])
+        return {"slot": int(idx), "flow": describe(key), "key": key.hex(),
+                "status": abi.STATUS_NAMES.get(int(s["status"]), str(int(s["status"]))),
+                "owner": int(s["owner"]), "group": int(s["group"]),
+                "refcount": int(s["refcount"]), "version": int(s["version"]),
+                "ckpt_epoch": int(s["ckpt_epoch"]), "modified": int(s["modified"])}
+
+    def release_views(self) -> None:
+        """Drop the numpy views so the underlying mapping can be closed."""
+        self.slots = self.stripes = None
+        self._buf = None

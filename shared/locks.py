@@ -1,0 +1,145 @@
+"""Striped flow locks: a fixed number of named POSIX semaphores, never one per flow.
+
+Stripe k guards run k of the flow table's slots (pico_abi.h, "Hash table"). The holder writes
+its pid into the stripe record right after acquiring and clears it right before releasing, so
+the SMM's watchdog can tell a dead holder from a busy one and post the semaphore for it.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+
+import posix_ipc
+
+from .errors import FlowLockTimeout
+
+_I64 = struct.Struct("<q")
+_U64 = struct.Struct("<Q")
+STRIPE_SIZE = 64
+
+
+def sem_name(prefix: str, stripe: int) -> str:
+    return f"{prefix}.s{stripe}"
+
+
+def registry_sem_name(prefix: str) -> str:
+    return f"{prefix}.reg"
+
+
+class _StripeRecords:
+    """Writes the holder word and the acquisition counter of each stripe record."""
+
+    def __init__(self, buf: memoryview, stripes_offset: int):
+        self._buf = buf
+        self._off = stripes_offset
+        self._pid = os.getpid()
+
+    def mark_held(self, k: int) -> None:
+        off = self._off + k * STRIPE_SIZE
+        _I64.pack_into(self._buf, off, self._pid)
+        _U64.pack_into(self._buf, off + 8, _U64.unpack_from(self._buf, off + 8)[0] + 1)
+
+    def mark_free(self, k: int) -> None:
+        _I64.pack_into(self._buf, self._off + k * STRIPE_SIZE, 0)
+
+    def holder(self, k: int) -> int:
+        return _I64.unpack_from(self._buf, self._off + k * STRIPE_SIZE)[0]
+
+
+class StripeLocks:
+    """The named semaphores of one flow table, opened (or created by the SMM)."""
+
+    def __init__(self, prefix: str, n_stripes: int, buf: memoryview, stripes_offset: int,
+                 timeout_s: float, create: bool = False):
+        self.prefix = prefix
+        self.n_stripes = n_stripes
+        self.timeout_s = timeout_s
+        self._records = _StripeRecords(buf, stripes_offset)
+        self._sems: list[posix_ipc.Semaphore] = []
+        try:
+            for k in range(n_stripes):
+                self._sems.append(_open_sem(sem_name(prefix, k), create))
+            self.registry = _open_sem(registry_sem_name(prefix), create)
+        except BaseException:
+            self.close()
+            raise
+
+    def acquire(self, k: int) -> None:
+        try:
+            self._sems[k].acquire(self.timeout_s)
+        except posix_ipc.BusyError:
+            raise FlowLockTimeout(
+                f"flow lock stripe {k} of {self.prefix} not acquired in {self.timeout_s:.3g} s "
+                f"(holder pid {self._records.holder(k)}): a hung middlebox holds it; the SMM "
+                "recovers stripes of dead holders, so retry, or stop the hung process") from None
+        self._records.mark_held(k)
+
+    def release(self, k: int) -> None:
+        self._records.mark_free(k)
+        self._sems[k].release()
+
+    def post(self, k: int) -> None:
+        """Release on behalf of a dead holder (the SMM watchdog only)."""
+        self._sems[k].release()
+
+    def value(self, k: int) -> int:
+        return self._sems[k].value
+
+    def close(self) -> None:
+        for s in self._sems:
+            s.close()
+        self._sems = []
+        reg = getattr(self, "registry", None)
+        if reg is not None:
+            reg.close()
+            self.registry = None
+
+    def unlink(self) -> None:
+        """Remove the names (the SMM, at shutdown). Open handles stay valid until closed."""
+        for k in range(self.n_stripes):
+            _unlink_quiet(sem_name(self.prefix, k))
+        _unlink_quiet(registry_sem_name(self.prefix))
+
+
+class ThreadStripeLocks:
+    """The same interface over threading locks: for unit tests of the pure table logic."""
+
+    def __init__(self, n_stripes: int, buf: memoryview, stripes_offset: int,
+                 timeout_s: float = 1.0):
+        self.n_stripes = n_stripes
+        self.timeout_s = timeout_s
+        self._records = _StripeRecords(buf, stripes_offset)
+        self._locks = [threading.Lock() for _ in range(n_stripes)]
+        self.registry = threading.Lock()
+
+    def acquire(self, k: int) -> None:
+        if not self._locks[k].acquire(timeout=self.timeout_s):
+            raise FlowLockTimeout(f"flow lock stripe {k} not acquired in {self.timeout_s} s")
+        self._records.mark_held(k)
+
+    def release(self, k: int) -> None:
+        self._records.mark_free(k)
+        self._locks[k].release()
+
+    def close(self) -> None:
+        pass
+
+
+def _open_sem(name: str, create: bool) -> posix_ipc.Semaphore:
+    if create:
+        _unlink_quiet(name)  # a crashed predecessor's semaphore may be stuck at 0
+        return posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600, initial_value=1)
+    try:
+        return posix_ipc.Semaphore(name)
+    except posix_ipc.ExistentialError:
+        from .errors import SegmentMissing
+        raise SegmentMissing(f"lock semaphore {name} is missing: the SMM that owns it is not "
+                             "running or was restarted; re-attach") from None
+
+
+def _unlink_quiet(name: str) -> None:
+    try:
+        posix_ipc.unlink_semaphore(name)
+    except posix_ipc.ExistentialError:
+        pass

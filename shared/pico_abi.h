@@ -1,0 +1,244 @@
+/*
+ * pico_abi.h - the Pico shared-memory ABI, version 1.0.
+ *
+ * This header is THE layout specification. The Python binding (shared/abi.py) mirrors every
+ * struct below as a numpy dtype with explicit offsets, and tests/test_abi_offsets.py compiles a
+ * program that prints offsetof/sizeof of each field and checks both sides agree. The
+ * _Static_asserts at the bottom pin the same facts for C compilers.
+ *
+ * Platform: x86-64 Linux, little-endian. Aligned 8-byte stores are atomic and x86 TSO keeps
+ * store->store and load->load order, which the publish-last protocol below relies on. Porting
+ * to a weakly ordered CPU means adding release/acquire fences at the marked publish points.
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Naming. Every replica has one flow-state segment and one set of lock stripes:
+ *     segment    /<shm_prefix>.<cluster>.<replica>.flows          (POSIX shm, /dev/shm/...)
+ *     stripe k   /<shm_prefix>.<cluster>.<replica>.s<k>           (named POSIX semaphore)
+ *     registry   /<shm_prefix>.<cluster>.<replica>.reg            (named POSIX semaphore)
+ * The segment's own header repeats the semaphore prefix (sem_prefix), so an attacher needs
+ * only the segment name.
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Every segment starts with the same 128-byte header (pico_seg_header):
+ *
+ *   0                   8         12        16        20        24
+ *   +-------------------+---------+---------+---------+---------+-------------------+
+ *   | magic "PICOSEG1"  |abi_major|abi_minor|  kind   |hdr_size | segment_size      |
+ *   +-------------------+---------+---------+---------+---------+-------------------+
+ *   32                  40                  48                  56        60
+ *   +-------------------+-------------------+-------------------+---------+---------+
+ *   | owner_pid         | owner_start_time  | created_ns        | replica | rsvd    |
+ *   +-------------------+-------------------+-------------------+---------+---------+
+ *   64 ..................................................... 120       124       128
+ *   | reserved (7 x u64, zero)                                | ready   | rsvd    |
+ *   +---------------------------------------------------------+---------+---------+
+ *
+ * Creation protocol (the owner): ftruncate, write everything, THEN write ready = PICO_READY
+ * (publish last). On orderly shutdown the owner writes ready = PICO_CLOSED before unlinking.
+ * Attach protocol (everyone else): open by name (missing -> SegmentMissing); check size >=
+ * 128; check magic (-> SegmentCorrupt); poll ready until PICO_READY or a deadline
+ * (-> SegmentNotReady; PICO_CLOSED -> StaleOwner); check abi_major == ours (-> AbiMismatch,
+ * naming both versions; a larger minor is fine: minors only use reserved space); check kind
+ * and sizes (-> SegmentCorrupt); check the owner is alive: /proc/<owner_pid>/stat exists and
+ * its field 22 equals owner_start_time (-> StaleOwner).
+ *
+ * ---------------------------------------------------------------------------------------------
+ * The flow-state segment (kind PICO_SEG_FLOWS), owned and created by the SMM:
+ *
+ *   0      +----------------------------------+
+ *          | pico_seg_header     (128 B)      |
+ *   128    +----------------------------------+
+ *          | pico_flow_desc      (128 B)      |  geometry + offsets, written before ready
+ *   256    +----------------------------------+
+ *          | pico_flow_counters  (128 B)      |  table-wide counters (SMM writes)
+ *   384    +----------------------------------+  <- clients_offset
+ *          | pico_client[PICO_MAX_CLIENTS]    |  attached processes, 64 B each
+ *          +----------------------------------+  <- stripes_offset (64-aligned)
+ *          | pico_stripe[n_stripes]           |  one cache line per lock stripe
+ *          +----------------------------------+  <- slots_offset (4096-aligned)
+ *          | slot 0 | slot 1 | ... | slot n-1 |  n_slots x slot_size
+ *          +----------------------------------+  <- segment_size
+ *
+ * Hash table. Open addressing, linear probing, SEGMENTED BY STRIPE: the n_slots slots are cut
+ * into n_stripes runs of slots_per_stripe (a power of two) consecutive slots. A key's 64-bit hash
+ * h (pico_hash_key below) picks its stripe s = h & (n_stripes-1) and its home slot inside the
+ * run, ((h >> 32) & (slots_per_stripe-1)). Probing wraps inside the run, so every slot of run s
+ * is only ever touched while holding semaphore s: one stripe = one lock = one run of slots.
+ * Lookup walks from home, skipping TOMBSTONE slots and slots of other keys, and stops at a FREE
+ * slot or after slots_per_stripe steps. Insert takes the first reusable slot on the walk
+ * (FREE, or a TOMBSTONE that is not pending: see below), after checking the key is absent.
+ * A stripe holding max_per_stripe live (ACTIVE+STANDBY) entries is full: TableFull.
+ *
+ * Slot status: FREE 0, ACTIVE 1 (visible to get_flow), STANDBY 2 (a backup copy, invisible to
+ * get_flow until the SMM activates it), TOMBSTONE 3 (deleted). A TOMBSTONE with modified=1 is a
+ * delete the RM has not yet checkpointed; it is not reused for another key until the RM clears
+ * modified (except in group 0, the default unprotected group, which is never checkpointed).
+ *
+ * Transactions. get_flow (stripe locked) finds or creates the ACTIVE slot, refcount += 1,
+ * txn_pid = caller, unlock, and hands back a pointer to state[]. The caller mutates the state
+ * WITHOUT the lock: each flow has one writer (the middlebox worker handling its packets), and the
+ * RM copies a group's state only after suspending the group's input and seeing refcount == 0.
+ * put_flow (stripe locked) refcount -= 1; if modified: modified = 1, version += 1.
+ * del_flow (stripe locked) status = TOMBSTONE, refcount = 0, modified = 1, version += 1.
+ *
+ * Lock stripes and dead holders. A holder writes holder_pid right after sem_wait succeeds and
+ * clears it right before sem_post; it also bumps acquisitions. The SMM's watchdog posts the
+ * semaphore of any stripe whose holder_pid is dead (and counts it in recoveries), and of any
+ * stripe whose semaphore is 0 with holder_pid 0 and acquisitions unchanged for a whole watchdog
+ * deadline (a holder that died between sem_wait and writing holder_pid). Clients take stripes
+ * with sem_timedwait(lock_timeout_ms) and report a timeout instead of hanging.
+ *
+ * Attached clients. A process that attaches claims a pico_client entry (under the registry
+ * semaphore): pid and start time. When the SMM sees a client's process gone, it sets refcount = 0
+ * on every slot whose txn_pid is that pid (its unfinished transactions), counts them, and frees
+ * the entry. So a middlebox killed mid-transaction cannot block checkpoints forever.
+ *
+ * Flow key (pico_flow_key, 40 B), canonical and bidirectional: both directions of a connection
+ * give the same key. Addresses are 16 bytes in network order; IPv4 is stored IPv4-mapped
+ * (::ffff:a.b.c.d). Endpoint A is the smaller of (addr, port) and (addr', port') compared as
+ * (addr bytes, port) lexicographically; ports are stored in host (little-endian) order; family is
+ * 4 or 6; pad bytes are zero. For ICMP, port_a/port_b carry the echo id and 0.
+ *
+ * Hash (pico_hash_key): the key as five little-endian u64 words w0..w4;
+ *     h = 0x9E3779B97F4A7C15
+ *     for each w: h ^= w; h *= 0xFF51AFD7ED558CCD; h ^= h >> 33
+ *     h ^= h >> 29; h *= 0xC4CEB9FE1A85EC53; h ^= h >> 32            (all mod 2^64)
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Reserved for later ABI minors / segments (documented here so the numbers stay taken):
+ *   kind 2 PICO_SEG_PACKETS  per-group input/output rings (PMM)
+ *   kind 3 PICO_SEG_GROUPS   group table: frequency, target, epoch, committed epoch, suspended
+ * New fields of an existing segment go into reserved space and bump abi_minor; anything that
+ * moves an existing field bumps abi_major.
+ */
+#ifndef PICO_ABI_H
+#define PICO_ABI_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#define PICO_ABI_MAJOR 1
+#define PICO_ABI_MINOR 0
+
+/* "PICOSEG1" read as a little-endian u64 */
+#define PICO_MAGIC 0x314745534F434950ULL
+
+#define PICO_READY 0x59444552u  /* "REDY" little-endian: the segment is complete */
+#define PICO_CLOSED 0x44534C43u /* "CLSD": the owner shut down in order */
+
+#define PICO_SEG_FLOWS 1u
+#define PICO_SEG_PACKETS 2u /* reserved: PMM packet rings */
+#define PICO_SEG_GROUPS 3u  /* reserved: RM group table */
+
+#define PICO_STATUS_FREE 0u
+#define PICO_STATUS_ACTIVE 1u
+#define PICO_STATUS_STANDBY 2u
+#define PICO_STATUS_TOMBSTONE 3u
+
+#define PICO_GROUP_DEFAULT 0u /* the default, unprotected group (never checkpointed) */
+#define PICO_MAX_CLIENTS 64u
+#define PICO_SLOT_HEADER 96u  /* state[] starts here inside a slot */
+#define PICO_SLOT_ALIGN 32u   /* slot_size = round_up(PICO_SLOT_HEADER + state_size, 32) */
+#define PICO_SEM_PREFIX_LEN 48u
+
+typedef struct pico_seg_header {
+    uint64_t magic;            /*   0 PICO_MAGIC */
+    uint32_t abi_major;        /*   8 */
+    uint32_t abi_minor;        /*  12 */
+    uint32_t kind;             /*  16 PICO_SEG_* */
+    uint32_t header_size;      /*  20 sizeof(pico_seg_header) */
+    uint64_t segment_size;     /*  24 bytes, whole segment */
+    int64_t owner_pid;         /*  32 pid of the creating process */
+    uint64_t owner_start_time; /*  40 field 22 of /proc/<pid>/stat (clock ticks after boot) */
+    uint64_t created_ns;       /*  48 CLOCK_REALTIME at creation */
+    uint32_t owner_replica;    /*  56 replica id (config) */
+    uint32_t reserved0;        /*  60 */
+    uint64_t reserved[7];      /*  64 zero */
+    uint32_t ready;            /* 120 PICO_READY, written LAST (publish point) */
+    uint32_t reserved1;        /* 124 */
+} pico_seg_header;
+
+typedef struct pico_flow_desc {
+    uint64_t n_slots;          /* 128 power of two = n_stripes * slots_per_stripe */
+    uint64_t capacity;         /* 136 configured flow capacity */
+    uint32_t slot_size;        /* 144 bytes per slot */
+    uint32_t state_size;       /* 148 bytes of state[] per flow */
+    uint32_t n_stripes;        /* 152 power of two */
+    uint32_t slots_per_stripe; /* 156 power of two */
+    uint32_t max_per_stripe;   /* 160 live entries allowed per stripe */
+    uint32_t lock_timeout_ms;  /* 164 what clients should use for sem_timedwait */
+    uint64_t clients_offset;   /* 168 */
+    uint64_t stripes_offset;   /* 176 */
+    uint64_t slots_offset;     /* 184 */
+    char sem_prefix[PICO_SEM_PREFIX_LEN]; /* 192 e.g. "/pico.demo.r1" (NUL-terminated) */
+    uint64_t reserved[2];      /* 240 */
+} pico_flow_desc;
+
+typedef struct pico_flow_counters { /* written by the SMM only */
+    uint64_t standby_installed;   /* 256 standby records installed or updated */
+    uint64_t activated;           /* 264 standby -> active */
+    uint64_t lock_recoveries;     /* 272 stripes posted by the watchdog */
+    uint64_t txn_recoveries;      /* 280 refcounts reset for dead clients */
+    uint64_t client_recoveries;   /* 288 client entries freed for dead processes */
+    uint64_t heartbeat_ns;        /* 296 SMM liveness: CLOCK_MONOTONIC, bumped by the watchdog */
+    uint64_t reserved[10];        /* 304 */
+} pico_flow_counters;
+
+typedef struct pico_client { /* 64 B; claimed and freed under the registry semaphore */
+    int64_t pid;               /*  0 0 = free entry */
+    uint64_t start_time;       /*  8 /proc/<pid>/stat field 22 */
+    uint64_t attached_ns;      /* 16 CLOCK_REALTIME */
+    uint32_t lang;             /* 24 1 = Python, 2 = C, other = free for other bindings */
+    uint32_t reserved0;        /* 28 */
+    char name[32];             /* 32 free text, NUL-terminated */
+} pico_client;
+
+typedef struct pico_stripe { /* one cache line; written only by the stripe's current holder */
+    int64_t holder_pid;        /*  0 pid holding the semaphore, 0 if none */
+    uint64_t acquisitions;     /*  8 bumped by each holder */
+    uint32_t live;             /* 16 ACTIVE + STANDBY slots in this stripe's run */
+    uint32_t tombstones;       /* 20 TOMBSTONE slots in this run */
+    uint64_t recoveries;       /* 24 watchdog recoveries (SMM, while the holder is dead) */
+    uint8_t pad[32];           /* 32 */
+} pico_stripe;
+
+typedef struct pico_flow_key {
+    uint8_t addr_a[16];        /*  0 network order, IPv4-mapped for IPv4 */
+    uint8_t addr_b[16];        /* 16 */
+    uint16_t port_a;           /* 32 host order */
+    uint16_t port_b;           /* 34 */
+    uint8_t proto;             /* 36 IP protocol number */
+    uint8_t family;            /* 37 4 or 6 */
+    uint8_t pad[2];            /* 38 zero */
+} pico_flow_key;
+
+typedef struct pico_flow_slot { /* header; state[state_size] follows at PICO_SLOT_HEADER */
+    pico_flow_key key;         /*  0 */
+    uint32_t status;           /* 40 PICO_STATUS_* */
+    uint16_t owner;            /* 44 replica id owning the active copy */
+    uint16_t flags;            /* 46 reserved, zero */
+    uint32_t group;            /* 48 replication group id */
+    uint32_t refcount;         /* 52 transactions in flight */
+    uint64_t version;          /* 56 bumped by each modifying put_flow / delete */
+    uint64_t ckpt_epoch;       /* 64 epoch of the last checkpoint that carried this flow */
+    uint32_t modified;         /* 72 1 = changed since the last checkpoint */
+    int32_t txn_pid;           /* 76 pid of the last get_flow caller */
+    uint64_t hash;             /* 80 pico_hash_key(key), cached */
+    uint64_t reserved;         /* 88 */
+    /* uint8_t state[state_size];   96 */
+} pico_flow_slot;
+
+_Static_assert(sizeof(pico_seg_header) == 128, "seg header is 128 B");
+_Static_assert(offsetof(pico_seg_header, ready) == 120, "ready word at 120");
+_Static_assert(sizeof(pico_flow_desc) == 128, "flow desc is 128 B");
+_Static_assert(sizeof(pico_flow_counters) == 128, "flow counters are 128 B");
+_Static_assert(sizeof(pico_client) == 64, "client entry is 64 B");
+_Static_assert(sizeof(pico_stripe) == 64, "stripe is one cache line");
+_Static_assert(sizeof(pico_flow_key) == 40, "flow key is 40 B");
+_Static_assert(sizeof(pico_flow_slot) == PICO_SLOT_HEADER, "slot header is 96 B");
+
+#define PICO_FLOW_DESC_OFFSET 128u
+#define PICO_FLOW_COUNTERS_OFFSET 256u
+#define PICO_CLIENTS_OFFSET 384u
+
+#endif /* PICO_ABI_H */

@@ -1,0 +1,5 @@
+import sys
+
+from smm.main import main
+
+sys.exit(main())
