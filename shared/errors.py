@@ -11,7 +11,8 @@
     ├── FlowTableError
     │   ├── TableFull             a lock stripe of the flow table has no room left
     │   ├── FlowIsStandby         create=True on a key that is held as a standby copy
-    │   └── FlowLockTimeout       a stripe lock was not acquired in time (dead or hung holder)
+    │   ├── FlowLockTimeout       a stripe lock was not acquired in time (dead or hung holder)
+    │   └── NoTransaction         put_flow without a get_flow open on that key in this thread
     ├── WireError                 a control message could not be decoded (reason code + text)
     └── ControlTimeout            a control request got no reply in time
 
@@ -87,3 +88,7 @@ class WireError(PicoError):
 
 class ControlTimeout(PicoError):
     pass
+
+
+class NoTransaction(FlowTableError):
+    """put_flow without a matching get_flow in this thread."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 
 from . import abi
-from .errors import FlowIsStandby, TableFull
+from .errors import FlowIsStandby, NoTransaction, TableFull
 from .flowkey import KEY_SIZE, describe, hash_key
 
 _U16 = struct.Struct("<H")
@@ -108,6 +109,7 @@ class FlowTable:
         self.replica_id = replica_id
         self._buf = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
         self._pid = os.getpid()
+        self._local = threading.local()
         self._stripe_mask = geometry.n_stripes - 1
         self._run_mask = geometry.slots_per_stripe - 1
         self.slots = np.ndarray((geometry.n_slots,), dtype=abi.slot_dtype(geometry.state_size),
@@ -184,18 +186,49 @@ class FlowTable:
                          "deletes, or raise flow_table.capacity")
 
     # ------------------------------------------------------------------ middlebox API
+    # A transaction holds its flow's stripe from get_flow to put_flow (or del_flow), so two
+    # processes or threads updating the same flow serialise and no update is lost. Stripes are
+    # re-entrant per thread: a thread may hold several flows, even of one stripe, at once.
+    def _txns(self) -> dict:
+        t = self._local.__dict__.get("open")
+        if t is None:
+            t = self._local.open = {}
+            self._local.held = {}
+        return t
+
+    def _hold(self, stripe: int) -> None:
+        held = self._local.__dict__.get("held")
+        if held is None:
+            self._txns()
+            held = self._local.held
+        n = held.get(stripe, 0)
+        if n == 0:
+            self.locks.acquire(stripe)
+        held[stripe] = n + 1
+
+    def _unhold(self, stripe: int) -> None:
+        held = self._local.held
+        n = held[stripe] - 1
+        if n:
+            held[stripe] = n
+        else:
+            del held[stripe]
+            self.locks.release(stripe)
+
     def get_flow(self, key: bytes, create: bool = False, group: int = abi.GROUP_DEFAULT,
                  h: int | None = None) -> memoryview | None:
         """Begin a transaction on key's ACTIVE flow: a writable view of its state, or None.
 
-        STANDBY flows are invisible (None); create=True on one raises FlowIsStandby. With
-        create=True an absent flow is inserted (state zeroed) in `group`.
+        The flow stays locked until put_flow(key) or del_flow(key). STANDBY flows are invisible
+        (None); create=True on one raises FlowIsStandby. With create=True an absent flow is
+        inserted (state zeroed) in `group`.
         """
+        txns = self._txns()
         if h is None:
             h = hash_key(key)
         stripe = h & self._stripe_mask
         buf = self._buf
-        self.locks.acquire(stripe)
+        self._hold(stripe)
         try:
             idx, status, reuse = self._walk(key, h)
             if status == ACTIVE:
@@ -205,32 +238,49 @@ class FlowTable:
                     raise FlowIsStandby(f"{describe(key)} is a standby copy on replica "
                                         f"{self.replica_id}: activate it (SMM activate) before "
                                         "processing its packets")
+                self._unhold(stripe)
                 return None
             elif not create:
+                self._unhold(stripe)
                 return None
             elif reuse < 0:
                 raise self._no_room(key, h)
             else:
                 off = self._claim(key, h, reuse, status, ACTIVE, group, self.replica_id)
-            _U32.pack_into(buf, off + _OFF_REF, _U32.unpack_from(buf, off + _OFF_REF)[0] + 1)
-            _I32.pack_into(buf, off + _OFF_TXN, self._pid)
-        finally:
-            self.locks.release(stripe)
+        except BaseException:
+            self._unhold(stripe)
+            raise
+        _U32.pack_into(buf, off + _OFF_REF, _U32.unpack_from(buf, off + _OFF_REF)[0] + 1)
+        _I32.pack_into(buf, off + _OFF_TXN, self._pid)
+        txn = txns.get(key)
+        if txn is None:
+            txns[key] = [stripe, off, 1]
+        else:
+            txn[2] += 1
         state = off + abi.SLOT_HEADER
         return buf[state:state + self.g.state_size]
 
-    def put_flow(self, key: bytes, modified: bool = True, h: int | None = None) -> bool:
-        """End a transaction; modified=True marks the flow for the next checkpoint."""
-        if h is None:
-            h = hash_key(key)
-        stripe = h & self._stripe_mask
+    def _end(self, key: bytes) -> tuple[int, int]:
+        txns = self._txns()
+        txn = txns.get(key)
+        if txn is None:
+            raise NoTransaction(f"no open transaction on {describe(key)} in this thread: call "
+                                "get_flow(key) first, and end it once")
+        stripe, off, depth = txn
+        if depth == 1:
+            del txns[key]
+        else:
+            txn[2] = depth - 1
+        return stripe, off
+
+    def put_flow(self, key: bytes, modified: bool = True) -> bool:
+        """End the transaction get_flow opened; modified=True marks the flow for the next
+        checkpoint. False if the flow vanished meanwhile (deleted in a nested transaction)."""
+        stripe, off = self._end(key)
         buf = self._buf
-        self.locks.acquire(stripe)
         try:
-            idx, status, _ = self._walk(key, h)
-            if status != ACTIVE:
+            if _U32.unpack_from(buf, off + _OFF_STATUS)[0] != ACTIVE:
                 return False
-            off = self._slot_off(idx)
             ref = _U32.unpack_from(buf, off + _OFF_REF)[0]
             if ref:
                 _U32.pack_into(buf, off + _OFF_REF, ref - 1)
@@ -240,14 +290,27 @@ class FlowTable:
                                _U64.unpack_from(buf, off + _OFF_VERSION)[0] + 1)
             return True
         finally:
-            self.locks.release(stripe)
+            self._unhold(stripe)
 
     def del_flow(self, key: bytes, h: int | None = None) -> bool:
-        """Delete an ACTIVE flow; it stays as a TOMBSTONE until its delete is checkpointed."""
+        """Delete an ACTIVE flow (ending this thread's transaction on it, if one is open).
+
+        It stays a TOMBSTONE until its delete is checkpointed. False if it was not active.
+        """
+        txns = self._txns()
+        if key in txns:
+            stripe, off = self._end(key)
+            try:
+                if _U32.unpack_from(self._buf, off + _OFF_STATUS)[0] != ACTIVE:
+                    return False
+                self._tombstone(off, stripe)
+                return True
+            finally:
+                self._unhold(stripe)
         if h is None:
             h = hash_key(key)
         stripe = h & self._stripe_mask
-        self.locks.acquire(stripe)
+        self._hold(stripe)
         try:
             idx, status, _ = self._walk(key, h)
             if status != ACTIVE:
@@ -255,7 +318,7 @@ class FlowTable:
             self._tombstone(self._slot_off(idx), stripe)
             return True
         finally:
-            self.locks.release(stripe)
+            self._unhold(stripe)
 
     def _tombstone(self, off: int, stripe: int) -> None:
         buf = self._buf
@@ -269,12 +332,12 @@ class FlowTable:
         """(slot index, status) of key, or (-1, FREE); no transaction is counted."""
         h = hash_key(key)
         stripe = h & self._stripe_mask
-        self.locks.acquire(stripe)
+        self._hold(stripe)
         try:
             idx, status, _ = self._walk(key, h)
             return idx, status
         finally:
-            self.locks.release(stripe)
+            self._unhold(stripe)
 
     # ------------------------------------------------------------------ SMM: standby records
     def install_standby(self, key: bytes, group: int, owner: int, version: int, epoch: int,
@@ -287,7 +350,7 @@ class FlowTable:
         """
         h = hash_key(key)
         stripe = h & self._stripe_mask
-        self.locks.acquire(stripe)
+        self._hold(stripe)
         try:
             idx, status, reuse = self._walk(key, h)
             if status == ACTIVE:
@@ -319,7 +382,7 @@ class FlowTable:
             buf[s:s + n] = state[:n]
             return result
         finally:
-            self.locks.release(stripe)
+            self._unhold(stripe)
 
     def activate_slots(self, indices: Iterable[int], new_group: int | None = None) -> list[bytes]:
         """STANDBY -> ACTIVE for these slots (rechecked under their stripe lock); their keys.
@@ -332,7 +395,7 @@ class FlowTable:
             by_stripe.setdefault(int(idx) // self.g.slots_per_stripe, []).append(int(idx))
         keys, buf = [], self._buf
         for stripe, idxs in sorted(by_stripe.items()):
-            self.locks.acquire(stripe)
+            self._hold(stripe)
             try:
                 for idx in idxs:
                     off = self._slot_off(idx)
@@ -346,7 +409,7 @@ class FlowTable:
                     _U32.pack_into(buf, off + _OFF_STATUS, ACTIVE)
                     keys.append(bytes(buf[off:off + KEY_SIZE]))
             finally:
-                self.locks.release(stripe)
+                self._unhold(stripe)
         return keys
 
     def standby_indices(self, owner: int | None = None, group: int | None = None) -> np.ndarray:

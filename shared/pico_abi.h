@@ -74,12 +74,21 @@
  * delete the RM has not yet checkpointed; it is not reused for another key until the RM clears
  * modified (except in group 0, the default unprotected group, which is never checkpointed).
  *
- * Transactions. get_flow (stripe locked) finds or creates the ACTIVE slot, refcount += 1,
- * txn_pid = caller, unlock, and hands back a pointer to state[]. The caller mutates the state
- * WITHOUT the lock: each flow has one writer (the middlebox worker handling its packets), and the
- * RM copies a group's state only after suspending the group's input and seeing refcount == 0.
- * put_flow (stripe locked) refcount -= 1; if modified: modified = 1, version += 1.
- * del_flow (stripe locked) status = TOMBSTONE, refcount = 0, modified = 1, version += 1.
+ * Transactions. A transaction holds its flow's stripe semaphore from get_flow to put_flow
+ * (or del_flow), so two processes or threads updating one flow serialise and lose no update.
+ * Stripes are re-entrant per thread (the binding counts holds per thread), so a thread may hold
+ * several flows at once, even flows of one stripe; two threads taking two flows in opposite
+ * orders can deadlock, which the lock timeout turns into an error. Keep transactions short.
+ * get_flow (stripe taken) finds or creates the ACTIVE slot, refcount += 1, txn_pid = caller,
+ * and hands back a pointer to state[]; the stripe stays taken. put_flow: refcount -= 1; if
+ * modified: modified = 1, version += 1; stripe released. del_flow: status = TOMBSTONE,
+ * refcount = 0, modified = 1, version += 1; ends the caller's transaction on that key if one is
+ * open, else takes and releases the stripe itself. The RM copies a group's states only after
+ * suspending the group's input and seeing refcount == 0 on its flows.
+ * Matching: a key has at most one slot. The lookup walk stops at the first slot whose key
+ * equals ours, whatever its status; if that slot is a TOMBSTONE, an insert of the key reuses
+ * exactly that slot (never an earlier reusable one), so an upsert never coexists with a pending
+ * delete of the same key.
  *
  * Lock stripes and dead holders. A holder writes holder_pid right after sem_wait succeeds and
  * clears it right before sem_post; it also bumps acquisitions. The SMM's watchdog posts the
