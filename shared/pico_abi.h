@@ -106,7 +106,8 @@
  * give the same key. Addresses are 16 bytes in network order; IPv4 is stored IPv4-mapped
  * (::ffff:a.b.c.d). Endpoint A is the smaller of (addr, port) and (addr', port') compared as
  * (addr bytes, port) lexicographically; ports are stored in host (little-endian) order; family is
- * 4 or 6; pad bytes are zero. For ICMP, port_a/port_b carry the echo id and 0.
+ * 4 or 6; pad bytes are zero. For ICMP echo, port_a and port_b both carry the echo id, so the
+ * request and its reply give one key.
  *
  * Hash (pico_hash_key): the key as five little-endian u64 words w0..w4;
  *     h = 0x9E3779B97F4A7C15
@@ -125,6 +126,10 @@
 
 #include <stdint.h>
 #include <stddef.h>
+
+#if defined(__cplusplus) && !defined(_Static_assert)
+#define _Static_assert static_assert /* C++11 spelling */
+#endif
 
 #define PICO_ABI_MAJOR 1
 #define PICO_ABI_MINOR 0

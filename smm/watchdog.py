@@ -23,6 +23,11 @@ class PostStripe:
 
 
 @dataclass(frozen=True)
+class PostRegistry:
+    """The registry semaphore stayed taken for a whole deadline: its holder died."""
+
+
+@dataclass(frozen=True)
 class ReapClient:
     entry: int
     pid: int
@@ -32,17 +37,20 @@ class ReapClient:
 class StripeMemory:
     """What the last pass saw of stripes that looked taken with no holder."""
     suspects: dict[int, tuple[int, float]] = field(default_factory=dict)  # stripe -> (acq, since)
+    registry_taken_since: float | None = None
 
 
 def plan_recovery(now: float, holders: np.ndarray, acquisitions: np.ndarray,
                   sem_values: np.ndarray, clients: list[tuple[int, int, int]],
                   alive, memory: StripeMemory, orphan_after: float,
-                  own_pid: int) -> list:
+                  own_pid: int, registry_value: int = 1) -> list:
     """Decide which stripes to post and which clients to reap.
 
     - a stripe whose holder_pid names a dead process is posted at once;
     - a stripe at semaphore value 0 with no holder and an unchanged acquisition count for
       `orphan_after` seconds lost its holder between sem_wait and writing holder_pid;
+    - the registry semaphore (held for microseconds by attach/detach) seen taken at every pass
+      for `orphan_after` seconds lost its holder;
     - a client entry whose process is gone (or whose pid was reused) is reaped.
     """
     actions: list = []
@@ -62,6 +70,13 @@ def plan_recovery(now: float, holders: np.ndarray, acquisitions: np.ndarray,
         else:
             still[k] = seen
     memory.suspects = still
+    if registry_value != 0:
+        memory.registry_taken_since = None
+    elif memory.registry_taken_since is None:
+        memory.registry_taken_since = now
+    elif now - memory.registry_taken_since >= orphan_after:
+        actions.append(PostRegistry())
+        memory.registry_taken_since = None
     for entry, pid, start in clients:
         if pid and not alive(pid, start):
             actions.append(ReapClient(entry, pid))
@@ -90,10 +105,14 @@ class Watchdog:
         clients = [(i, int(cl[i]["pid"]), int(cl[i]["start_time"]))
                    for i in np.flatnonzero(cl["pid"])]
         actions = plan_recovery(now, holders, acq, values, clients, process_alive, self.memory,
-                                self.orphan_after, self.own_pid)
+                                self.orphan_after, self.own_pid, store.locks.registry.value)
         for a in actions:
             if isinstance(a, PostStripe):
                 self._post(a)
+            elif isinstance(a, PostRegistry):
+                store.locks.registry.release()
+                store.bump("lock_recoveries")
+                self.log.warning("recovered the client registry semaphore (holder died)")
             else:
                 self._reap(a)
         return actions

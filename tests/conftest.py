@@ -126,3 +126,15 @@ def _remove_test_segments():
 def needs_root():
     return pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CAP_NET_ADMIN, network "
                               "namespaces); CI runs as root")
+
+
+@pytest.fixture(scope="session")
+def cbuild() -> Path:
+    """Build libpico and the C test tools once; their directory."""
+    import shutil
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("no C compiler (gcc) on PATH: install gcc (make setup) to test the C ABI")
+    for target in (REPO / "shared", REPO / "tests" / "c"):
+        proc = subprocess.run(["make", "-C", str(target)], capture_output=True, text=True)
+        assert proc.returncode == 0, (f"make -C {target} failed:\n{proc.stdout}\n{proc.stderr}")
+    return REPO / "tests" / "c" / "build"
