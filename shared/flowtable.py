@@ -112,6 +112,11 @@ class FlowTable:
         self._local = threading.local()
         self._stripe_mask = geometry.n_stripes - 1
         self._run_mask = geometry.slots_per_stripe - 1
+        # Plain ints for the hot path (attribute chains cost more than the arithmetic).
+        self._sps = geometry.slots_per_stripe
+        self._slots_off = geometry.slots_offset
+        self._slot_size = geometry.slot_size
+        self._state_size = geometry.state_size
         self.slots = np.ndarray((geometry.n_slots,), dtype=abi.slot_dtype(geometry.state_size),
                                 buffer=self._buf, offset=geometry.slots_offset)
         self.stripes = np.ndarray((geometry.n_stripes,), dtype=abi.STRIPE, buffer=self._buf,
@@ -125,24 +130,26 @@ class FlowTable:
         """(match index or -1, its status, first reusable index or -1), stripe lock held.
 
         A key has at most one slot: a TOMBSTONE with the same key is its match, and an insert
-        reuses exactly that slot, so an upsert never coexists with a pending delete.
+        reuses exactly that slot, so an upsert never coexists with a pending delete. The cached
+        hash is compared before the key bytes: most mismatches cost one 8-byte load.
         """
-        buf, sps, mask = self._buf, self.g.slots_per_stripe, self._run_mask
+        buf, sps, mask = self._buf, self._sps, self._run_mask
         base = (h & self._stripe_mask) * sps
         home = (h >> 32) & mask
-        slots_off, slot_size = self.g.slots_offset, self.g.slot_size
+        slots_off, slot_size = self._slots_off, self._slot_size
+        u32, u64 = _U32.unpack_from, _U64.unpack_from
         reuse = -1
         for i in range(sps):
             idx = base + ((home + i) & mask)
             off = slots_off + idx * slot_size
-            status = _U32.unpack_from(buf, off + _OFF_STATUS)[0]
+            status = u32(buf, off + _OFF_STATUS)[0]
             if status == FREE:
                 return -1, FREE, (reuse if reuse >= 0 else idx)
-            if buf[off:off + KEY_SIZE] == key:
+            if u64(buf, off + _OFF_HASH)[0] == h and buf[off:off + KEY_SIZE] == key:
                 return idx, status, idx
             if (status == TOMBSTONE and reuse < 0 and
-                    (_U32.unpack_from(buf, off + _OFF_MOD)[0] == 0 or
-                     _U32.unpack_from(buf, off + _OFF_GROUP)[0] == abi.GROUP_DEFAULT)):
+                    (u32(buf, off + _OFF_MOD)[0] == 0 or
+                     u32(buf, off + _OFF_GROUP)[0] == abi.GROUP_DEFAULT)):
                 reuse = idx
         return -1, FREE, reuse
 

@@ -17,6 +17,7 @@ from .errors import FlowLockTimeout
 _I64 = struct.Struct("<q")
 _U64 = struct.Struct("<Q")
 STRIPE_SIZE = 64
+_pack_i64, _pack_u64, _unpack_u64 = _I64.pack_into, _U64.pack_into, _U64.unpack_from
 
 
 def sem_name(prefix: str, stripe: int) -> str:
@@ -36,12 +37,12 @@ class _StripeRecords:
         self._pid = os.getpid()
 
     def mark_held(self, k: int) -> None:
-        off = self._off + k * STRIPE_SIZE
-        _I64.pack_into(self._buf, off, self._pid)
-        _U64.pack_into(self._buf, off + 8, _U64.unpack_from(self._buf, off + 8)[0] + 1)
+        buf, off = self._buf, self._off + k * STRIPE_SIZE
+        _pack_i64(buf, off, self._pid)
+        _pack_u64(buf, off + 8, _unpack_u64(buf, off + 8)[0] + 1)
 
     def mark_free(self, k: int) -> None:
-        _I64.pack_into(self._buf, self._off + k * STRIPE_SIZE, 0)
+        _pack_i64(self._buf, self._off + k * STRIPE_SIZE, 0)
 
     def holder(self, k: int) -> int:
         return _I64.unpack_from(self._buf, self._off + k * STRIPE_SIZE)[0]
@@ -64,10 +65,12 @@ class StripeLocks:
         except BaseException:
             self.close()
             raise
+        self._acquire = [sem.acquire for sem in self._sems]
+        self._release = [sem.release for sem in self._sems]
 
     def acquire(self, k: int) -> None:
         try:
-            self._sems[k].acquire(self.timeout_s)
+            self._acquire[k](self.timeout_s)
         except posix_ipc.BusyError:
             raise FlowLockTimeout(
                 f"flow lock stripe {k} of {self.prefix} not acquired in {self.timeout_s:.3g} s "
@@ -77,7 +80,7 @@ class StripeLocks:
 
     def release(self, k: int) -> None:
         self._records.mark_free(k)
-        self._sems[k].release()
+        self._release[k]()
 
     def post(self, k: int) -> None:
         """Release on behalf of a dead holder (the SMM watchdog only)."""

@@ -98,9 +98,12 @@
  * with sem_timedwait(lock_timeout_ms) and report a timeout instead of hanging.
  *
  * Attached clients. A process that attaches claims a pico_client entry (under the registry
- * semaphore): pid and start time. When the SMM sees a client's process gone, it sets refcount = 0
- * on every slot whose txn_pid is that pid (its unfinished transactions), counts them, and frees
- * the entry. So a middlebox killed mid-transaction cannot block checkpoints forever.
+ * semaphore): pid and start time, pid written last. A transaction holds its stripe, so every
+ * open transaction of a dead process lies in a stripe it still holds: when the watchdog posts a
+ * dead holder's stripe it first sets refcount = 0 on every slot of that run (counted in
+ * txn_recoveries). It then frees the dead process's client entry. So a middlebox killed
+ * mid-transaction blocks neither its flows nor checkpoints. The registry semaphore itself is
+ * posted by the watchdog if it stays taken for a whole deadline.
  *
  * Flow key (pico_flow_key, 40 B), canonical and bidirectional: both directions of a connection
  * give the same key. Addresses are 16 bytes in network order; IPv4 is stored IPv4-mapped

@@ -125,14 +125,28 @@ class Watchdog:
         if a.reason == "orphaned" and (self.store.locks.value(a.stripe) != 0 or
                                        int(rec[a.stripe]["holder_pid"]) != 0):
             return
+        fixed = 0
+        if a.reason == "dead-holder":
+            # Every open transaction in this run belongs to the dead holder: nobody else can
+            # open one while it holds the stripe. Close them before anyone else gets in.
+            sps = self.store.table.g.slots_per_stripe
+            run = self.store.table.slots[a.stripe * sps:(a.stripe + 1) * sps]
+            open_txn = run["refcount"] > 0
+            fixed = int(open_txn.sum())
+            run["refcount"][open_txn] = 0
+            del run
+            if fixed:
+                self.store.bump("txn_recoveries", fixed)
         rec[a.stripe]["holder_pid"] = 0
         rec[a.stripe]["recoveries"] = int(rec[a.stripe]["recoveries"]) + 1
         self.store.locks.post(a.stripe)
         self.store.bump("lock_recoveries")
-        self.log.warning(f"recovered lock stripe {a.stripe} ({a.reason}, holder pid {a.holder})")
+        self.log.warning(f"recovered lock stripe {a.stripe} ({a.reason}, holder pid "
+                         f"{a.holder}); closed {fixed} open transaction(s)")
 
     def _reap(self, a: ReapClient) -> None:
-        """Close the dead client's transactions, then free its entry."""
+        """Free a dead client's entry. Its open transactions were closed when its stripes were
+        recovered (a transaction holds its stripe); any left with its pid are closed here."""
         table = self.store.table
         slots = table.slots
         idx = np.flatnonzero((slots["txn_pid"] == a.pid) & (slots["refcount"] > 0))

@@ -22,6 +22,10 @@
  *                                                             process dead holding a stripe lock
  *   flowtool -       key  PROTO SRC SPORT DST DPORT           "<40-byte key hex> <hash, 16 hex>"
  *   flowtool -       bench-key I                              the same for fill/bench key I
+ *   flowtool -       sem-bench N                              N x (sem_wait + sem_post) on a
+ *                                                             private named semaphore: the
+ *                                                             baseline of the bench command;
+ *                                                             same JSON line as bench
  *   flowtool SEGMENT fill N [GROUP]                           create keys 0..N-1 (below) and
  *                                                             put_flow(modified=1) each;
  *                                                             prints {"filled":N}
@@ -258,6 +262,39 @@ static int cmd_bench(pico_ctx *ctx, unsigned long n, unsigned long m)
     return 0;
 }
 
+/* The raw cost of one uncontended sem_wait + sem_post pair, timed like cmd_bench. */
+static int cmd_sem_bench(unsigned long n)
+{
+    char name[64];
+    snprintf(name, sizeof name, "/pico-sem-bench-%d", (int)getpid());
+    sem_t *sem = sem_open(name, O_CREAT | O_EXCL, 0600, 1);
+    if (sem == SEM_FAILED) {
+        fprintf(stderr, "%s: sem_open %s: %s\n", prog, name, strerror(errno));
+        return 1;
+    }
+    sem_unlink(name);
+    uint64_t *lat = malloc((n ? n : 1) * sizeof *lat);
+    if (!lat)
+        return 1;
+    double sum = 0;
+    for (unsigned long i = 0; i < n; i++) {
+        uint64_t t0 = mono_ns();
+        sem_wait(sem);
+        sem_post(sem);
+        lat[i] = mono_ns() - t0;
+        sum += (double)lat[i];
+    }
+    qsort(lat, n, sizeof *lat, cmp_u64);
+    unsigned long i50 = n ? (n * 50 + 99) / 100 - 1 : 0;
+    unsigned long i99 = n ? (n * 99 + 99) / 100 - 1 : 0;
+    printf("{\"n\":%lu,\"p50_ns\":%llu,\"p99_ns\":%llu,\"mean_ns\":%.1f}\n", n,
+           n ? (unsigned long long)lat[i50] : 0ull, n ? (unsigned long long)lat[i99] : 0ull,
+           n ? sum / (double)n : 0.0);
+    free(lat);
+    sem_close(sem);
+    return 0;
+}
+
 /* Die holding the stripe lock of `key`, bypassing libpico (which never returns holding one). */
 static int cmd_die_locked(const char *seg, const pico_flow_key *key, int record_pid)
 {
@@ -318,6 +355,11 @@ int main(int argc, char **argv)
         print_hex(&key, sizeof key);
         printf(" %016llx\n", (unsigned long long)pico_hash_key(&key));
         return 0;
+    }
+    if (!strcmp(cmd, "sem-bench")) {
+        if (na != 1)
+            usage();
+        return cmd_sem_bench(parse_ulong(a[0], 1ul << 30, "N"));
     }
     if (!strcmp(cmd, "attach")) {
         if (na != 0)
