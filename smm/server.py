@@ -97,7 +97,7 @@ class _Metrics:
 
     def update(self, service: SmmService) -> None:
         r = self.replica
-        for status, n in service.table.counts().items():
+        for status, n in service.flow_counts().items():
             self.flows.labels(r, status).set(n)
         for t, n in service.requests.items():
             self.requests.labels(r, t).set(n)

@@ -238,3 +238,19 @@ def test_unknown_replica_and_bad_config_exit_nonzero(cluster, tmp_path):
     r = subprocess.run([sys.executable, "-m", "smm", "--config", str(bad), "--replica", "r1"],
                        cwd=repo, capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "bad.yaml:2" in r.stderr
+
+
+def test_cheap_flow_counts_agree_with_a_full_scan(cluster, smm):
+    _, c = smm
+    install(c, 1, 0, [(k(i), wire.OP_UPSERT, 1, b"s" * STATE) for i in range(6)])
+    install(c, 2, 1, [(k(0), wire.OP_DELETE, 2, None)])
+    c.request(wire.ACTIVATE, wire.encode_activate(wire.SEL_KEYS, keys=[k(1), k(2)]))
+    with attach_replica(cluster, "r1") as mb:
+        for i in range(10, 15):
+            mb.get_flow(k(i), create=True)
+            mb.put_flow(k(i))
+        mb.del_flow(k(10))
+        mb.del_flow(k(1))
+        full = mb.table.counts()
+    assert stats(c)["flows"] == full
+    assert full == {"free": full["free"], "active": 5, "standby": 3, "tombstone": 3}
