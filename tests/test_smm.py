@@ -3,6 +3,7 @@ import json
 import os
 import signal
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -254,3 +255,23 @@ def test_cheap_flow_counts_agree_with_a_full_scan(cluster, smm):
         full = mb.table.counts()
     assert stats(c)["flows"] == full
     assert full == {"free": full["free"], "active": 5, "standby": 3, "tombstone": 3}
+
+
+def test_prometheus_metrics_are_served(tmp_path, smm_factory):
+    import urllib.request
+    from conftest import write_config
+    cfg = write_config(tmp_path, metrics=True)
+    proc = smm_factory(cfg, "r1")
+    with ControlClient(proc.endpoint) as c:
+        install(c, 1, 0, [(k(1), wire.OP_UPSERT, 1, b"m" * STATE)])
+        c.request_raw(b"junk")
+    url = f"http://127.0.0.1:{cfg.replica('r1').metrics_port}/metrics"
+    deadline = time.monotonic() + 10
+    while True:  # gauges refresh once a second: wait for the install to show
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        if 'pico_smm_flows{replica="r1",status="standby"} 1.0' in text:
+            break
+        assert time.monotonic() < deadline, text
+        time.sleep(0.05)
+    assert 'pico_smm_request_errors_total{error="truncated",replica="r1"} 1.0' in text
+    assert 'pico_smm_requests_total{replica="r1",type="install"} 1.0' in text
