@@ -54,26 +54,14 @@ replicas:
 
 class Smm:
     def __init__(self, config_path: Path, log: Path):
-        from shared import wire
         from shared.config import load_config
-        from shared.control import ControlClient
-        from shared.errors import ControlTimeout
+        from shared.control import wait_until_serving
         self.config = load_config(config_path)
         self._log = open(log, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "smm", "--config", str(config_path),
                                       "--replica", "r1"], cwd=REPO, stdout=self._log,
                                      stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        with ControlClient(self.config.replica("r1").smm_endpoint, timeout_ms=500) as c:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"pico-smm exited: {log.read_text()}")
-                try:
-                    c.request(wire.PING)
-                    break
-                except ControlTimeout:
-                    if time.monotonic() > deadline:
-                        raise
+        wait_until_serving(self.config.replica("r1").smm_endpoint, self.proc, 60, "pico-smm")
         c = self.config.cluster
         self.segment = f"/{c.shm_prefix}.{c.name}.r1.flows"
 

@@ -74,3 +74,21 @@ def _error_text(msg: wire.Message) -> str:
         return wire.parse_json_body(msg.body).get("message", repr(msg.body[:200]))
     except WireError:
         return repr(msg.body[:200])
+
+
+def wait_until_serving(endpoint: str, proc=None, timeout: float = 30.0, what: str = "peer") -> None:
+    """Ping `endpoint` until it answers. If `proc` (a Popen) exits first, say so at once."""
+    import time
+    deadline = time.monotonic() + timeout
+    with ControlClient(endpoint, timeout_ms=200) as c:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise ControlTimeout(f"{what} exited with status {proc.returncode} before "
+                                     f"serving {endpoint}: see its log")
+            try:
+                c.request(wire.PING)
+                return
+            except ControlTimeout:
+                if time.monotonic() > deadline:
+                    raise ControlTimeout(f"{what} did not answer on {endpoint} within "
+                                         f"{timeout:g} s") from None

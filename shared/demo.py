@@ -21,8 +21,8 @@ from shared import log as pico_log
 from shared import wire
 from shared.api import attach_replica
 from shared.config import DEFAULT_CONFIG, load_config
-from shared.control import ControlClient
-from shared.errors import ControlTimeout, PicoError
+from shared.control import ControlClient, wait_until_serving
+from shared.errors import PicoError
 from shared.flowkey import describe, make_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,17 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 def start_smm(config_path: str, replica: str, endpoint: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "smm", "--config", config_path,
                              "--replica", replica], cwd=REPO)
-    deadline = time.monotonic() + 60
-    with ControlClient(endpoint, timeout_ms=500) as c:
-        while True:
-            if proc.poll() is not None:
-                raise PicoError(f"pico-smm for {replica} exited with {proc.returncode}")
-            try:
-                c.request(wire.PING)
-                return proc
-            except ControlTimeout:
-                if time.monotonic() > deadline:
-                    raise
+    wait_until_serving(endpoint, proc, 60, f"pico-smm {replica}")
+    return proc
 
 
 def stop(proc: subprocess.Popen) -> None:

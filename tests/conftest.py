@@ -62,21 +62,11 @@ class SmmProcess:
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 15.0) -> None:
-        from shared import wire
-        from shared.control import ControlClient
-        from shared.errors import ControlTimeout
-        deadline = time.monotonic() + timeout
-        with ControlClient(self.endpoint, timeout_ms=200) as c:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"pico-smm exited with {self.proc.returncode}: "
-                                       f"{self.log_path.read_text()}")
-                try:
-                    c.request(wire.PING)
-                    return
-                except ControlTimeout:
-                    if time.monotonic() > deadline:
-                        raise
+        from shared.control import wait_until_serving
+        try:
+            wait_until_serving(self.endpoint, self.proc, timeout, what="pico-smm")
+        except Exception:
+            raise RuntimeError(f"pico-smm did not start: {self.log_path.read_text()}") from None
 
     def log(self) -> str:
         self._log.flush()

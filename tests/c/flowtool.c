@@ -85,9 +85,10 @@ static void usage(void)
             "       %s SEGMENT die-locked PROTO SRC SPORT DST DPORT [nopid]\n"
             "       %s - key PROTO SRC SPORT DST DPORT\n"
             "       %s - bench-key I\n"
+            "       %s - sem-bench N\n"
             "       %s SEGMENT fill N [GROUP]\n"
             "       %s SEGMENT bench N [M]\n",
-            prog, prog, prog, prog, prog, prog, prog, prog, prog);
+            prog, prog, prog, prog, prog, prog, prog, prog, prog, prog);
     exit(EXIT_USAGE);
 }
 
@@ -220,6 +221,17 @@ static uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* Sorts lat and prints {"n","p50_ns","p99_ns","mean_ns"} (nearest-rank percentiles). */
+static void print_latencies(uint64_t *lat, unsigned long n, double sum)
+{
+    qsort(lat, n, sizeof *lat, cmp_u64);
+    unsigned long i50 = n ? (n * 50 + 99) / 100 - 1 : 0;
+    unsigned long i99 = n ? (n * 99 + 99) / 100 - 1 : 0;
+    printf("{\"n\":%lu,\"p50_ns\":%llu,\"p99_ns\":%llu,\"mean_ns\":%.1f}\n", n,
+           n ? (unsigned long long)lat[i50] : 0ull, n ? (unsigned long long)lat[i99] : 0ull,
+           n ? sum / (double)n : 0.0);
+}
+
 static int cmd_bench(pico_ctx *ctx, unsigned long n, unsigned long m)
 {
     pico_flow_key *keys = malloc(m * sizeof *keys);
@@ -250,13 +262,7 @@ static int cmd_bench(pico_ctx *ctx, unsigned long n, unsigned long m)
         lat[i] = t1 - t0;
         sum += (double)lat[i];
     }
-    qsort(lat, n, sizeof *lat, cmp_u64);
-    /* nearest-rank percentiles */
-    unsigned long i50 = n ? (n * 50 + 99) / 100 - 1 : 0;
-    unsigned long i99 = n ? (n * 99 + 99) / 100 - 1 : 0;
-    printf("{\"n\":%lu,\"p50_ns\":%llu,\"p99_ns\":%llu,\"mean_ns\":%.1f}\n", n,
-           n ? (unsigned long long)lat[i50] : 0ull, n ? (unsigned long long)lat[i99] : 0ull,
-           n ? sum / (double)n : 0.0);
+    print_latencies(lat, n, sum);
     free(keys);
     free(lat);
     return 0;
@@ -284,12 +290,7 @@ static int cmd_sem_bench(unsigned long n)
         lat[i] = mono_ns() - t0;
         sum += (double)lat[i];
     }
-    qsort(lat, n, sizeof *lat, cmp_u64);
-    unsigned long i50 = n ? (n * 50 + 99) / 100 - 1 : 0;
-    unsigned long i99 = n ? (n * 99 + 99) / 100 - 1 : 0;
-    printf("{\"n\":%lu,\"p50_ns\":%llu,\"p99_ns\":%llu,\"mean_ns\":%.1f}\n", n,
-           n ? (unsigned long long)lat[i50] : 0ull, n ? (unsigned long long)lat[i99] : 0ull,
-           n ? sum / (double)n : 0.0);
+    print_latencies(lat, n, sum);
     free(lat);
     sem_close(sem);
     return 0;
