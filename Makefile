@@ -8,7 +8,8 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 DEB_PACKAGES := iptables libnetfilter-queue-dev openvswitch-switch openvswitch-common \
-                iputils-ping ethtool tcpdump curl gcc make iproute2 procps
+                iputils-ping ethtool tcpdump curl gcc g++ make iproute2 procps \
+                python3 python3-venv python3-dev
 PYTEST_ARGS ?=
 
 .PHONY: setup deb venv lib test demo bench clean
@@ -29,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	$(VPY) -m pip install -q -e '.[net,test]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(VPY) -c "import posix_ipc, numpy, zmq, yaml, netfilterqueue, faucet, pytest" 2>/dev/null
+	$(VPY) -c "import posix_ipc, numpy, zmq, yaml, netfilterqueue, faucet, pytest"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -16,7 +16,7 @@ import sys
 import time
 
 from . import abi
-from .errors import AttachError, SegmentCorrupt
+from .errors import AttachError, FlowLockTimeout, SegmentCorrupt
 from .flowtable import FlowTable, Geometry
 from .locks import StripeLocks
 from .segment import Segment, attach_segment, proc_start_time, process_alive
@@ -66,7 +66,7 @@ class FlowClient:
     def _register(self, name: str) -> None:
         clients = self.segment.view(abi.CLIENT, self.geometry.clients_offset, abi.MAX_CLIENTS)
         reg = self.locks.registry
-        reg.acquire(self.locks.timeout_s)
+        _take_registry(reg, self.locks.timeout_s, self.segment.name)
         try:
             for i in range(abi.MAX_CLIENTS):
                 if int(clients[i]["pid"]) == 0:
@@ -88,7 +88,7 @@ class FlowClient:
         """Detach: free the client entry, close the semaphores, unmap."""
         if self._client_slot >= 0 and self.locks.registry is not None:
             off = self.geometry.clients_offset + self._client_slot * abi.CLIENT.itemsize
-            self.locks.registry.acquire(self.locks.timeout_s)
+            _take_registry(self.locks.registry, self.locks.timeout_s, self.segment.name)
             try:
                 if _I64.unpack_from(self.segment.buf, off)[0] == os.getpid():
                     _I64.pack_into(self.segment.buf, off, 0)
@@ -105,6 +105,16 @@ class FlowClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _take_registry(sem, timeout: float, where: str) -> None:
+    import posix_ipc
+    try:
+        sem.acquire(timeout)
+    except posix_ipc.BusyError:
+        raise FlowLockTimeout(f"client registry of {where} not acquired in {timeout:.3g} s: a "
+                              "process died attaching; the SMM recovers it within a deadline, "
+                              "so retry") from None
 
 
 def attach(segment_name: str, timeout: float = 2.0, name: str = "") -> FlowClient:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 
 import zmq
 
@@ -44,9 +45,11 @@ class ControlClient:
         """Send a frame as is (tests send garbage this way) and return the decoded reply."""
         seq = wire.peek_seq(frame)
         timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        deadline = time.monotonic() + timeout / 1000.0
         self._sock.send_multipart([b"", frame])
         while True:
-            if not self._sock.poll(timeout, zmq.POLLIN):
+            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if not self._sock.poll(left_ms, zmq.POLLIN):
                 self._connect()
                 raise ControlTimeout(f"no reply from {self.endpoint} within {timeout} ms: is the "
                                      "peer running and reachable? (request seq "
@@ -78,7 +81,6 @@ def _error_text(msg: wire.Message) -> str:
 
 def wait_until_serving(endpoint: str, proc=None, timeout: float = 30.0, what: str = "peer") -> None:
     """Ping `endpoint` until it answers. If `proc` (a Popen) exits first, say so at once."""
-    import time
     deadline = time.monotonic() + timeout
     with ControlClient(endpoint, timeout_ms=200) as c:
         while True:

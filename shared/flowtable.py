@@ -161,8 +161,7 @@ class FlowTable:
         if tomb:
             _U32.pack_into(buf, off + _STRIPE_TOMB, _U32.unpack_from(buf, off + _STRIPE_TOMB)[0] + tomb)
 
-    def _claim(self, key: bytes, h: int, idx: int, old_status: int, status: int, group: int,
-               owner: int) -> int:
+    def _claim(self, key: bytes, h: int, idx: int, status: int, group: int, owner: int) -> int:
         """Fill slot idx for key (stripe lock held) and publish its status last."""
         stripe = h & self._stripe_mask
         if self.stripes[stripe]["live"] >= self.g.max_per_stripe:
@@ -171,6 +170,7 @@ class FlowTable:
                             f"{describe(key)}: raise flow_table.capacity in the config")
         off = self._slot_off(idx)
         buf = self._buf
+        old_status = _U32.unpack_from(buf, off + _OFF_STATUS)[0]  # FREE, or a reused TOMBSTONE
         buf[off:off + KEY_SIZE] = key
         _U16.pack_into(buf, off + _OFF_OWNER, owner)
         _U32.pack_into(buf, off + _OFF_GROUP, group)
@@ -253,7 +253,7 @@ class FlowTable:
             elif reuse < 0:
                 raise self._no_room(key, h)
             else:
-                off = self._claim(key, h, reuse, status, ACTIVE, group, self.replica_id)
+                off = self._claim(key, h, reuse, ACTIVE, group, self.replica_id)
         except BaseException:
             self._unhold(stripe)
             raise
@@ -376,7 +376,7 @@ class FlowTable:
             elif reuse < 0:
                 raise self._no_room(key, h)
             else:
-                off = self._claim(key, h, reuse, status, STANDBY, group, owner)
+                off = self._claim(key, h, reuse, STANDBY, group, owner)
                 result = "installed"
             buf = self._buf
             _U32.pack_into(buf, off + _OFF_GROUP, group)

@@ -192,7 +192,7 @@ typedef struct pico_flow_desc {
 } pico_flow_desc;
 
 typedef struct pico_flow_counters { /* written by the SMM only */
-    uint64_t standby_installed;   /* 256 standby records installed or updated */
+    uint64_t standby_installed;   /* 256 standby records installed, updated or deleted */
     uint64_t activated;           /* 264 standby -> active */
     uint64_t lock_recoveries;     /* 272 stripes posted by the watchdog */
     uint64_t txn_recoveries;      /* 280 refcounts reset for dead clients */
@@ -210,7 +210,8 @@ typedef struct pico_client { /* 64 B; claimed and freed under the registry semap
     char name[32];             /* 32 free text, NUL-terminated */
 } pico_client;
 
-typedef struct pico_stripe { /* one cache line; written only by the stripe's current holder */
+typedef struct pico_stripe { /* one cache line; written by the stripe's current holder, and
+                              * by the SMM watchdog when it recovers a dead holder's stripe */
     int64_t holder_pid;        /*  0 pid holding the semaphore, 0 if none */
     uint64_t acquisitions;     /*  8 bumped by each holder */
     uint32_t live;             /* 16 ACTIVE + STANDBY slots in this stripe's run */

@@ -155,21 +155,36 @@ def create_segment(name: str, kind: int, size: int, replica_id: int) -> Segment:
 
 def attach_segment(name: str, kind: int, timeout: float = 2.0,
                    abi_major: int = abi.ABI_MAJOR) -> Segment:
-    """Attach to an existing segment, validating it as pico_abi.h's attach protocol says."""
-    try:
-        mm = _map(name)
-    except posix_ipc.ExistentialError:
-        raise SegmentMissing(f"no shared-memory segment {name}: is the owner (pico-smm for "
-                             "flows) running for this replica, with the same cluster name and "
-                             "shm_prefix?") from None
-    except PermissionError as e:
-        raise SegmentMissing(f"segment {name} exists but cannot be opened ({e}): run as the "
-                             "owner's user or root") from None
-    try:
-        return _validate(name, mm, kind, timeout, abi_major)
-    except BaseException:
-        mm.close()
-        raise
+    """Attach to an existing segment, validating it as pico_abi.h's attach protocol says.
+
+    A segment that exists but is still empty or shorter than its header is being created:
+    like the C library, we retry until the deadline before calling it corrupt.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            mm = _map(name)
+        except posix_ipc.ExistentialError:
+            raise SegmentMissing(f"no shared-memory segment {name}: is the owner (pico-smm for "
+                                 "flows) running for this replica, with the same cluster name "
+                                 "and shm_prefix?") from None
+        except PermissionError as e:
+            raise SegmentMissing(f"segment {name} exists but cannot be opened ({e}): run as "
+                                 "the owner's user or root") from None
+        except SegmentCorrupt:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.001)
+            continue
+        if len(mm) < abi.SEG_HEADER.itemsize and time.monotonic() < deadline:
+            mm.close()
+            time.sleep(0.001)
+            continue
+        try:
+            return _validate(name, mm, kind, max(0.0, deadline - time.monotonic()), abi_major)
+        except BaseException:
+            mm.close()
+            raise
 
 
 def _validate(name: str, mm: mmap.mmap, kind: int, timeout: float, abi_major: int) -> Segment:

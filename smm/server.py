@@ -11,11 +11,10 @@ import time
 import zmq
 
 from shared import log as pico_log
+from shared.errors import PicoError
 from smm.service import SmmService
 from smm.store import FlowStore
 from smm.watchdog import Watchdog
-
-FLOW_GAUGE_PERIOD_S = 1.0
 
 
 class SmmServer:
@@ -35,7 +34,9 @@ class SmmServer:
         self.endpoint = self.store.replica.smm_endpoint
         self.sock.bind(self.endpoint)
         self._stop = False
-        self.metrics = _Metrics(replica, self.store.replica.metrics_port) if metrics else None
+        self.watchdog_errors = 0
+        self.watchdog_errors = 0
+        self.metrics = _Metrics(replica, self.store.replica.metrics_port, self) if metrics else None
         self.log.info(f"flow segment {self.store.name} ready: {self.store.geometry.n_slots} "
                       f"slots, {self.store.geometry.n_stripes} stripes; control on "
                       f"{self.endpoint}")
@@ -45,17 +46,17 @@ class SmmServer:
 
     def serve(self) -> None:
         next_watch = 0.0
-        next_gauge = 0.0
         while not self._stop:
             if self.sock.poll(int(self.interval * 1000), zmq.POLLIN):
                 self._serve_one()
             now = time.monotonic()
             if now >= next_watch:
-                self.watchdog.run_once(now)
+                try:
+                    self.watchdog.run_once(now)
+                except PicoError as e:  # e.g. a stripe busy past its timeout: next pass retries
+                    self.watchdog_errors += 1
+                    self.log.warning(f"watchdog pass failed, retrying next pass: {e}")
                 next_watch = now + self.interval
-            if self.metrics and now >= next_gauge:
-                self.metrics.update(self.service)
-                next_gauge = now + FLOW_GAUGE_PERIOD_S
 
     def _serve_one(self) -> None:
         parts = self.sock.recv_multipart()
@@ -76,36 +77,43 @@ class SmmServer:
 
 
 class _Metrics:
-    """Prometheus metrics on the replica's metrics_port (own registry, no global state)."""
+    """Prometheus metrics on the replica's metrics_port: a collector read at scrape time (own
+    registry, no global state). Values are copied from the serving thread's counters; a dict
+    copy is atomic under the GIL, so a scrape never sees a half-updated table."""
 
-    def __init__(self, replica: str, port: int | None):
-        from prometheus_client import CollectorRegistry, Gauge, start_http_server
-        self.registry = CollectorRegistry()
-        labels = ["replica"]
-        self.flows = Gauge("pico_smm_flows", "Flow slots by status", labels + ["status"],
-                           registry=self.registry)
-        self.requests = Gauge("pico_smm_requests_total", "Control requests served, by type",
-                              labels + ["type"], registry=self.registry)
-        self.errors = Gauge("pico_smm_request_errors_total", "Rejected control requests, by "
-                            "error", labels + ["error"], registry=self.registry)
-        self.counters = Gauge("pico_smm_events_total", "Segment counters (installs, "
-                              "activations, recoveries)", labels + ["counter"],
-                              registry=self.registry)
+    def __init__(self, replica: str, port: int | None, server: "SmmServer"):
+        from prometheus_client import CollectorRegistry, start_http_server
         self.replica = replica
+        self.server = server
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
         if port:
             start_http_server(port, addr="127.0.0.1", registry=self.registry)
 
-    def update(self, service: SmmService) -> None:
-        r = self.replica
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        service, r = self.server.service, self.replica
+        flows = GaugeMetricFamily("pico_smm_flows", "Flow slots by status",
+                                  labels=["replica", "status"])
         for status, n in service.flow_counts().items():
-            self.flows.labels(r, status).set(n)
-        for t, n in service.requests.items():
-            self.requests.labels(r, t).set(n)
-        for e, n in service.errors.items():
-            self.errors.labels(r, e).set(n)
-        for c, n in service.store.counter_values().items():
-            if c != "heartbeat_ns":
-                self.counters.labels(r, c).set(n)
+            flows.add_metric([r, status], n)
+        yield flows
+        for name, doc, label, values in (
+                ("pico_smm_requests", "Control requests served, by type", "type",
+                 dict(service.requests)),
+                ("pico_smm_request_errors", "Rejected control requests, by error", "error",
+                 dict(service.errors)),
+                ("pico_smm_events", "Segment counters: installs, activations, recoveries",
+                 "counter", {k: v for k, v in service.store.counter_values().items()
+                             if k != "heartbeat_ns"})):
+            fam = CounterMetricFamily(name, doc, labels=["replica", label])
+            for key, n in values.items():
+                fam.add_metric([r, key], n)
+            yield fam
+        errs = CounterMetricFamily("pico_smm_watchdog_errors", "Watchdog passes that failed",
+                                   labels=["replica"])
+        errs.add_metric([r], self.server.watchdog_errors)
+        yield errs
 
 
 def run(config, replica: str) -> int:

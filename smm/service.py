@@ -85,17 +85,20 @@ class SmmService:
         stream = (inst.owner, inst.group)
         last = self.epochs.get(stream, 0)
         counts = Counter()
-        if inst.epoch <= last:
+        full = bool(inst.flags & wire.INSTALL_FULL)
+        if not full and inst.epoch <= last:
             disposition = wire.DUPLICATE   # a retry of something already applied: ack again
-        elif not (inst.flags & wire.INSTALL_FULL) and inst.base_epoch != last:
+        elif not full and inst.base_epoch != last:
             raise WireError(wire.ERR_EPOCH_GAP, f"epoch {inst.epoch} of replica {inst.owner} "
                             f"group {inst.group} builds on epoch {inst.base_epoch}, but the last "
                             f"installed is {last}: resend from {last} or send a full snapshot")
         else:
+            # A FULL snapshot restarts the stream (a restarted primary may count from 1 again)
+            # and replaces the group's standby set: copies it does not carry are removed.
             disposition = wire.APPLIED
             recs = inst.records
-            for i in range(len(recs)):
-                key = recs["key"][i].tobytes()
+            keys = [recs["key"][i].tobytes() for i in range(len(recs))]
+            for i, key in enumerate(keys):
                 state = None if recs["op"][i] == wire.OP_DELETE else recs["state"][i].data
                 result = self.table.install_standby(key, inst.group, inst.owner,
                                                     int(recs["version"][i]), inst.epoch, state)
@@ -103,6 +106,8 @@ class SmmService:
                 if result == "conflict":
                     self.log.warning(f"standby record for {describe(key)} from replica "
                                      f"{inst.owner} ignored: the flow is active here")
+            if full:
+                counts["deleted"] += self._purge(inst.owner, inst.group, set(keys), inst.epoch)
             self.epochs[stream] = inst.epoch
             last = inst.epoch
             self.install_results.update(counts)
@@ -112,6 +117,16 @@ class SmmService:
                 self.store.bump("standby_installed", changed)
         return wire.INSTALL_REPLY.pack(disposition, 0, last, counts["installed"],
                                        counts["updated"], counts["deleted"], counts["conflict"])
+
+    def _purge(self, owner: int, group: int, keep: set[bytes], epoch: int) -> int:
+        """Remove the standby copies of (owner, group) that a full snapshot left out."""
+        removed = 0
+        for idx in self.table.standby_indices(owner=owner, group=group):
+            key = self.table.slots["key"][idx].tobytes()
+            if key not in keep and self.table.install_standby(key, group, owner, 0, epoch,
+                                                              None) == "deleted":
+                removed += 1
+        return removed
 
     def _activate(self, body: bytes) -> bytes:
         selector, arg, new_group, keys = wire.decode_activate(body)
@@ -143,7 +158,10 @@ class SmmService:
         mask = slots["status"] != abi.STATUS_FREE if status is None else \
             slots["status"] == codes[status]
         if "group" in req:
-            mask &= slots["group"] == int(req["group"])
+            group = req["group"]
+            if not isinstance(group, int) or isinstance(group, bool) or not 0 <= group < 2**32:
+                raise WireError(wire.ERR_BAD_BODY, "dump: group must be an integer 0..2^32-1")
+            mask &= slots["group"] == group
         idx = np.flatnonzero(mask)
         flows = [self.table.describe_slot(int(i)) for i in idx[:limit]]
         return wire.json_body({"replica": self.store.replica.name, "total": int(len(idx)),

@@ -10,6 +10,7 @@ import numpy as np
 
 from shared import abi
 from shared.api import flow_segment_name, sem_prefix
+from shared.errors import ConfigError
 from shared.flowtable import FlowTable, Geometry, write_desc
 from shared.locks import StripeLocks
 from shared.segment import Segment, create_segment
@@ -25,8 +26,9 @@ class FlowStore:
         self.name = flow_segment_name(config.cluster.shm_prefix, config.cluster.name, replica)
         self.sem_prefix = sem_prefix(config.cluster.shm_prefix, config.cluster.name, replica)
         if len(self.sem_prefix) >= abi.SEM_PREFIX_LEN:
-            raise ValueError(f"semaphore prefix {self.sem_prefix!r} longer than "
-                             f"{abi.SEM_PREFIX_LEN - 1} bytes: shorten cluster or replica names")
+            raise ConfigError(f"semaphore prefix {self.sem_prefix!r} is longer than "
+                              f"{abi.SEM_PREFIX_LEN - 1} bytes: shorten cluster.name, "
+                              "cluster.shm_prefix or the replica name", file=str(config.path))
         self.geometry = Geometry.plan(ft.capacity, ft.state_size, ft.lock_stripes)
         self.segment: Segment = create_segment(self.name, abi.SEG_FLOWS,
                                                self.geometry.segment_size, self.replica.id)
