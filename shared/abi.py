@@ -8,15 +8,15 @@ from __future__ import annotations
 import numpy as np
 
 ABI_MAJOR = 1
-ABI_MINOR = 0
+ABI_MINOR = 1
 
 MAGIC = int.from_bytes(b"PICOSEG1", "little")
 READY = int.from_bytes(b"REDY", "little")
 CLOSED = int.from_bytes(b"CLSD", "little")
 
 SEG_FLOWS = 1
-SEG_PACKETS = 2  # reserved: PMM packet rings
-SEG_GROUPS = 3   # reserved: RM group table
+SEG_PACKETS = 2  # PMM: packet rings and the group table
+SEG_GROUPS = 3   # reserved
 SEG_KIND_NAMES = {SEG_FLOWS: "flows", SEG_PACKETS: "packets", SEG_GROUPS: "groups"}
 
 STATUS_FREE = 0
@@ -134,6 +134,99 @@ SLOT_HEADER_DTYPE = _struct([
     ("reserved", "<u8", 88),
 ], SLOT_HEADER)
 
+# ---------------------------------------------------------------- packet segment (ABI 1.1)
+PKT_DESC_OFFSET = 128
+PKT_COUNTERS_OFFSET = 256
+GROUPS_OFFSET = 384
+PKT_META_SIZE = 128
+RING_HEADER_SIZE = 256
+
+GROUP_FREE = 0
+GROUP_ACTIVE = 1
+
+PKT_NEW = 0x01
+PKT_MODIFIED = 0x02
+PKT_DIRECT = 0x04
+PKT_DROP = 0x08
+PKT_CREATED = 0x10
+PKT_IPV6 = 0x20
+PKT_NOFLOW = 0x40
+
+PKT_DESC = _struct([
+    ("max_groups", "<u4", 0),
+    ("ring_slots", "<u4", 4),
+    ("slot_size", "<u4", 8),
+    ("mtu", "<u4", 12),
+    ("groups_offset", "<u8", 16),
+    ("rings_offset", "<u8", 24),
+    ("ring_bytes", "<u8", 32),
+    ("n_rings", "<u4", 40),
+    ("reserved0", "<u4", 44),
+    ("groups_generation", "<u8", 48),
+    ("sem_prefix", f"S{SEM_PREFIX_LEN}", 56),
+    ("reserved", ("<u8", 1), 104),
+    ("reserved2", ("<u8", 2), 112),
+], 128)
+
+PKT_COUNTER_NAMES = ["rx_packets", "rx_bytes", "malformed", "default_group", "input_drops",
+                     "released", "unwritten_drops", "raw_sent", "verdict_errors",
+                     "heartbeat_ns", "pending", "output_errors"]
+PKT_COUNTERS = _struct([(n, "<u8", 8 * i) for i, n in enumerate(PKT_COUNTER_NAMES)]
+                       + [("reserved", ("<u8", 4), 96)], 128)
+
+GROUP_CONTROL = ["id", "state", "frequency_hz", "target", "buffering", "suspended", "protected_"]
+GROUP_PMM = ["rx_packets", "rx_bytes", "input_drops", "released", "held"]
+GROUP_MB = ["pkts_read", "pkts_done", "written", "written_direct", "dropped", "output_full",
+            "created"]
+GROUP = _struct(
+    [(n, "<u4", 4 * i) for i, n in enumerate(GROUP_CONTROL)]
+    + [("reserved0", "<u4", 28), ("epoch", "<u8", 32), ("committed", "<u8", 40),
+       ("reserved1", ("<u8", 2), 48)]
+    + [(n, "<u8", 64 + 8 * i) for i, n in enumerate(GROUP_PMM)]
+    + [("reserved2", ("<u8", 3), 104)]
+    + [(n, "<u8", 128 + 8 * i) for i, n in enumerate(GROUP_MB)]
+    + [("reserved3", "<u8", 184), ("reserved4", ("<u8", 8), 192)], 256)
+
+RING_HEADER = _struct([
+    ("tail", "<u8", 0),
+    ("full_drops", "<u8", 8),
+    ("pad0", ("u1", 48), 16),
+    ("head", "<u8", 64),
+    ("pad1", ("u1", 56), 72),
+    ("pad2", ("u1", 128), 128),
+], RING_HEADER_SIZE)
+
+PKT_META = _struct([
+    ("len", "<u4", 0),
+    ("flags", "<u4", 4),
+    ("packet_id", "<u4", 8),
+    ("group", "<u4", 12),
+    ("flow_hash", "<u8", 16),
+    ("epoch", "<u8", 24),
+    ("ts_ns", "<u8", 32),
+    ("group_index", "<u4", 40),
+    ("reserved0", "<u4", 44),
+    ("key", FLOW_KEY, 48),
+    ("reserved", ("u1", 40), 88),
+], PKT_META_SIZE)
+
+
+def pkt_slot_size(mtu: int) -> int:
+    """Bytes per ring slot: the 128-byte meta plus the MTU rounded up to 64."""
+    return PKT_META_SIZE + -(-mtu // 64) * 64
+
+
+def pkt_layout(max_groups: int, ring_slots: int, mtu: int) -> dict[str, int]:
+    """Offsets and total size of a packet segment, as pico_abi.h documents them."""
+    slot = pkt_slot_size(mtu)
+    ring_bytes = RING_HEADER_SIZE + ring_slots * slot
+    n_rings = 2 * max_groups + 1
+    rings = -(-(GROUPS_OFFSET + max_groups * GROUP.itemsize) // 4096) * 4096
+    size = rings + n_rings * ring_bytes
+    return {"groups_offset": GROUPS_OFFSET, "rings_offset": rings, "ring_bytes": ring_bytes,
+            "n_rings": n_rings, "slot_size": slot, "segment_size": -(-size // 4096) * 4096}
+
+
 #: C struct name -> dtype, for the offset agreement test.
 C_STRUCTS = {
     "pico_seg_header": SEG_HEADER,
@@ -143,6 +236,11 @@ C_STRUCTS = {
     "pico_stripe": STRIPE,
     "pico_flow_key": FLOW_KEY,
     "pico_flow_slot": SLOT_HEADER_DTYPE,
+    "pico_pkt_desc": PKT_DESC,
+    "pico_pkt_counters": PKT_COUNTERS,
+    "pico_group": GROUP,
+    "pico_ring_header": RING_HEADER,
+    "pico_pkt_meta": PKT_META,
 }
 
 

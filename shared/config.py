@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,14 +100,36 @@ class GroupConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PacketsConfig:
+    max_groups: int = 16
+    ring_slots: int = 1024
+    mtu: int = 1500
+    pending_timeout_ms: int = 2000
+    queue_maxlen: int = 16384
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyRule:
+    """Classifies a new flow (by its first packet) into a group; the first matching rule wins."""
+    group: str
+    proto: str | int | None = None
+    src: str | None = None
+    dst: str | None = None
+    sport: int | str | None = None
+    dport: int | str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class ClusterConfig:
     path: str
     version: int
     cluster: ClusterSection
     flow_table: FlowTableConfig
     control: ControlConfig
+    packets: PacketsConfig
     replicas: dict[str, ReplicaConfig]
     groups: dict[str, GroupConfig]
+    policies: list[PolicyRule]
 
     def replica(self, name: str) -> ReplicaConfig:
         try:
@@ -155,6 +178,12 @@ class MapOf:
     min_items: int = 0
 
 
+@dataclass(frozen=True)
+class ListOf:
+    """A list of items of one Section (e.g. policy rules), kept in file order."""
+    item: Section
+
+
 def in_range(lo: int, hi: int) -> Callable[[Any], str | None]:
     return lambda v: None if v is None or lo <= v <= hi else f"must be between {lo} and {hi}, got {v}"
 
@@ -192,6 +221,37 @@ def endpoint(v: str | None) -> str | None:
     if m and 1 <= int(m["port"]) <= 65535:
         return None
     return f"{v!r} is not a valid endpoint; use tcp://HOST:PORT (port 1..65535) or ipc://PATH"
+
+
+def cidr(v: str | None) -> str | None:
+    if v is None:
+        return None
+    try:
+        ipaddress.ip_network(v, strict=False)
+        return None
+    except ValueError:
+        return f"{v!r} is not an address or prefix (e.g. 10.0.0.0/8 or 2001:db8::/32)"
+
+
+def port_spec(v: int | str | None) -> str | None:
+    """A port (0..65535) or an inclusive range 'LO-HI'."""
+    if v is None:
+        return None
+    if isinstance(v, int):
+        return None if 0 <= v <= 65535 else f"port must be 0..65535, got {v}"
+    m = re.fullmatch(r"([0-9]{1,5})-([0-9]{1,5})", v)
+    if m and int(m[1]) <= int(m[2]) <= 65535:
+        return None
+    return f"{v!r} is not a port or a range LO-HI (e.g. 8000-8100)"
+
+
+PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58}
+
+
+def protocol(v: str | int | None) -> str | None:
+    if v is None or (isinstance(v, int) and 0 <= v <= 255) or v in PROTOCOLS:
+        return None
+    return f"{v!r} is not a protocol; use {', '.join(PROTOCOLS)} or a number 0..255"
 
 
 _PORT = in_range(1, 65535)
@@ -237,6 +297,24 @@ GROUP = Section({
     "buffering": Field(bool, True, doc="hold output packets until state is replicated"),
 }, GroupConfig, injected=("name",))
 
+PACKETS = Section({
+    "max_groups": Field(int, 16, in_range(2, 1024), "entries in the group table (one is the default group)"),
+    "ring_slots": Field(int, 1024, all_of(in_range(16, 65536), power_of_two), "packets per ring"),
+    "mtu": Field(int, 1500, in_range(1500, 9216), "largest packet a ring slot holds"),
+    "pending_timeout_ms": Field(int, 2000, in_range(10, 60000),
+                                "drop a queued packet the middlebox has not written after this"),
+    "queue_maxlen": Field(int, 16384, in_range(64, 1_000_000), "kernel NFQUEUE length"),
+}, PacketsConfig)
+
+POLICY = Section({
+    "group": Field(str, doc="group name (or 'default') that matching new flows join"),
+    "proto": Field((str, int, type(None)), None, protocol, "tcp, udp, icmp, icmp6 or a number"),
+    "src": Field(_OPT_STR, None, cidr, "source address or prefix of the first packet"),
+    "dst": Field(_OPT_STR, None, cidr, "destination address or prefix of the first packet"),
+    "sport": Field((int, str, type(None)), None, port_spec, "source port or LO-HI"),
+    "dport": Field((int, str, type(None)), None, port_spec, "destination port or LO-HI"),
+}, PolicyRule)
+
 TOP = Section({
     "version": Field(int, check=equals(SCHEMA_VERSION, f"this Pico reads schema version {SCHEMA_VERSION}"),
                      doc="schema version"),
@@ -244,14 +322,16 @@ TOP = Section({
     "flow_table": Field(FLOW_TABLE, {}),
     "control": Field(CONTROL, {}),
     "replicas": Field(MapOf(REPLICA, r"[a-z][a-z0-9-]{0,14}", min_items=1)),
+    "packets": Field(PACKETS, {}),
     "groups": Field(MapOf(GROUP, r"[a-z][a-z0-9-]{0,23}"), {}),
+    "policies": Field(ListOf(POLICY), []),
 }, ClusterConfig, injected=("path",))
 
 
 def _assert_schema_matches_dataclasses() -> None:
     # The schema and the dataclasses are written separately for readability;
     # fail at import if someone adds a key to one but not the other.
-    for section in (CLUSTER, FLOW_TABLE, CONTROL, REPLICA, GROUP, TOP):
+    for section in (CLUSTER, FLOW_TABLE, CONTROL, PACKETS, POLICY, REPLICA, GROUP, TOP):
         attrs = {f.name for f in dataclasses.fields(section.cls)} - set(section.injected)
         assert attrs == set(section.fields), (section.cls.__name__, attrs ^ set(section.fields))
 
@@ -394,6 +474,12 @@ def _value(field: Field, value: Any, key: str, line: int | None, path: str) -> A
         return _build(t, value, key, line, path)
     if isinstance(t, MapOf):
         return _build_map(t, value, key, line, path)
+    if isinstance(t, ListOf):
+        if not isinstance(value, list):
+            raise ConfigError(f"expected a list of `- key: value` items, got "
+                              f"{_type_name(type(value))}", path, line, key)
+        return [_build(t.item, item, f"{key}[{i}]", getattr(item, "line", line), path)
+                for i, item in enumerate(value)]
     types = t if isinstance(t, tuple) else (t,)
     if not _type_ok(value, types):
         want = " or ".join(_type_name(x) for x in types)
@@ -445,6 +531,16 @@ def _check_references(cfg: ClusterConfig, raw: Any) -> None:
     unique(((r.id, f"replicas.{r.name}.id") for r in reps), "replica id")
     unique(((ep, f"replicas.{r.name}.{k}") for r in reps for k, ep in r.endpoints.items()), "endpoint")
     unique(((g.id, f"groups.{g.name}.id") for g in cfg.groups.values()), "group id")
+    for i, rule in enumerate(cfg.policies):
+        if rule.group != "default" and rule.group not in cfg.groups:
+            item = raw.get("policies")[i] if isinstance(raw.get("policies"), list) else None
+            raise ConfigError(f"group {rule.group!r} is not defined; use one of: "
+                              f"{', '.join(['default', *cfg.groups])}", cfg.path,
+                              _lines(item).get("group"), f"policies[{i}].group")
+    if len(cfg.groups) + 1 > cfg.packets.max_groups:
+        raise ConfigError(f"{len(cfg.groups)} groups plus the default group exceed "
+                          f"packets.max_groups ({cfg.packets.max_groups}); raise it",
+                          cfg.path, _line_at(raw, "groups"), "groups")
     for g in cfg.groups.values():
         if g.target is not None and g.target not in cfg.replicas:
             key = f"groups.{g.name}.target"

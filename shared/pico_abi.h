@@ -118,11 +118,62 @@
  *     h ^= h >> 29; h *= 0xC4CEB9FE1A85EC53; h ^= h >> 32            (all mod 2^64)
  *
  * ---------------------------------------------------------------------------------------------
- * Reserved for later ABI minors / segments (documented here so the numbers stay taken):
- *   kind 2 PICO_SEG_PACKETS  per-group input/output rings (PMM)
- *   kind 3 PICO_SEG_GROUPS   group table: frequency, target, epoch, committed epoch, suspended
+ * =============================================================================================
+ * The packet segment (kind PICO_SEG_PACKETS, ABI 1.1), owned and created by the PMM:
+ *     segment    /<shm_prefix>.<cluster>.<replica>.pkts
+ *     doorbells  <sem_prefix>.in   posted by the PMM after it queues input, and by the RM when
+ *                                  it resumes a group; the middlebox waits on it when idle
+ *                <sem_prefix>.out  posted by the middlebox after each write, and by the RM when
+ *                                  it advances a committed epoch; the PMM waits on it
+ *
+ *   0      +----------------------------------+
+ *          | pico_seg_header     (128 B)      |
+ *   128    +----------------------------------+
+ *          | pico_pkt_desc       (128 B)      |  geometry + offsets
+ *   256    +----------------------------------+
+ *          | pico_pkt_counters   (128 B)      |  PMM-wide counters (PMM writes)
+ *   384    +----------------------------------+  <- groups_offset
+ *          | pico_group[max_groups] (256 B)   |  the group table
+ *          +----------------------------------+  <- rings_offset (4096-aligned)
+ *          | ring 0 | ring 1 | ... | ring n-1 |  n_rings x ring_bytes
+ *          +----------------------------------+
+ *
+ * Rings: group table entry g (index, not id) has input ring 2g (PMM -> middlebox) and output
+ * ring 2g+1 (middlebox -> PMM); ring 2*max_groups is the direct ring (middlebox -> PMM) for
+ * pkt_write_direct and pkt_drop, which bypass output commit. Every ring is single-producer,
+ * single-consumer: a pico_ring_header (tail and head on their own cache lines, free-running
+ * u64 counters) then ring_slots (a power of two) slots of slot_size bytes: a 128-byte
+ * pico_pkt_meta, then the packet bytes (up to mtu). Slot of counter c: c & (ring_slots-1).
+ * Produce: if tail - head == ring_slots the ring is full (count full_drops, drop the packet);
+ * else write the packet bytes, then the meta, then tail += 1 (publish last). Consume: if head ==
+ * tail it is empty; else copy the slot out, then head += 1.
+ *
+ * Group table. Entry 0 is always the default group (id 0): unprotected, never suspended, output
+ * never held. An entry's control line (id, state, frequency, target, buffering, suspended,
+ * protected, epoch, committed) is written by the RM (by the PMM only while creating the segment,
+ * from the config); its state word is written last when an entry is added, first when removed,
+ * and the writer bumps groups_generation after either. Line 1 is written by the PMM, line 2 by
+ * the middlebox (the single consumer of input rings).
+ * Output commit: the PMM releases a group's output ring in order, each packet whose epoch tag is
+ * <= committed, or at once if buffering is 0; a packet with a larger tag stops the ring. The
+ * middlebox tags a written packet with the group's epoch as it reads it at write time. The RM
+ * checkpoints epoch e only after suspending the group's input, seeing pkts_done == pkts_read
+ * (every packet read before the suspension is finished) and refcount 0 on the group's flows, so
+ * every output tagged e depends only on state in checkpoint e.
+ *
+ * Packet metadata flags (pico_pkt_meta.flags):
+ *   PICO_PKT_NEW       the PMM had not seen the flow before (classified by policy)
+ *   PICO_PKT_MODIFIED  output: the bytes differ from the input (PMM recomputes checksums)
+ *   PICO_PKT_DIRECT    direct ring: release at once (pkt_write_direct)
+ *   PICO_PKT_DROP      direct ring: verdict drop for packet_id (pkt_drop); no bytes
+ *   PICO_PKT_CREATED   made by the middlebox: no NFQUEUE id; sent through a raw socket
+ *   PICO_PKT_IPV6      an IPv6 packet
+ *   PICO_PKT_NOFLOW    not a parsable IP flow (malformed, fragment, other protocol): key zero,
+ *                      default group
+ *
  * New fields of an existing segment go into reserved space and bump abi_minor; anything that
- * moves an existing field bumps abi_major.
+ * moves an existing field bumps abi_major. Kind 3 (PICO_SEG_GROUPS) stays reserved: the group
+ * table lives in the packet segment.
  */
 #ifndef PICO_ABI_H
 #define PICO_ABI_H
@@ -135,7 +186,7 @@
 #endif
 
 #define PICO_ABI_MAJOR 1
-#define PICO_ABI_MINOR 0
+#define PICO_ABI_MINOR 1
 
 /* "PICOSEG1" read as a little-endian u64 */
 #define PICO_MAGIC 0x314745534F434950ULL
@@ -144,8 +195,8 @@
 #define PICO_CLOSED 0x44534C43u /* "CLSD": the owner shut down in order */
 
 #define PICO_SEG_FLOWS 1u
-#define PICO_SEG_PACKETS 2u /* reserved: PMM packet rings */
-#define PICO_SEG_GROUPS 3u  /* reserved: RM group table */
+#define PICO_SEG_PACKETS 2u /* PMM: packet rings and the group table */
+#define PICO_SEG_GROUPS 3u  /* reserved */
 
 #define PICO_STATUS_FREE 0u
 #define PICO_STATUS_ACTIVE 1u
@@ -258,5 +309,117 @@ _Static_assert(sizeof(pico_flow_slot) == PICO_SLOT_HEADER, "slot header is 96 B"
 #define PICO_FLOW_DESC_OFFSET 128u
 #define PICO_FLOW_COUNTERS_OFFSET 256u
 #define PICO_CLIENTS_OFFSET 384u
+
+/* ------------------------------------------------------------------ packet segment (ABI 1.1) */
+#define PICO_PKT_DESC_OFFSET 128u
+#define PICO_PKT_COUNTERS_OFFSET 256u
+#define PICO_GROUPS_OFFSET 384u
+#define PICO_PKT_META_SIZE 128u
+#define PICO_RING_HEADER_SIZE 256u
+
+#define PICO_GROUP_FREE 0u
+#define PICO_GROUP_ACTIVE 1u
+
+#define PICO_PKT_NEW 0x01u
+#define PICO_PKT_MODIFIED 0x02u
+#define PICO_PKT_DIRECT 0x04u
+#define PICO_PKT_DROP 0x08u
+#define PICO_PKT_CREATED 0x10u
+#define PICO_PKT_IPV6 0x20u
+#define PICO_PKT_NOFLOW 0x40u
+
+typedef struct pico_pkt_desc {
+    uint32_t max_groups;       /* 128 entries in the group table (entry 0 = default group) */
+    uint32_t ring_slots;       /* 132 power of two */
+    uint32_t slot_size;        /* 136 PICO_PKT_META_SIZE + mtu rounded up to 64 */
+    uint32_t mtu;              /* 140 largest packet a slot holds */
+    uint64_t groups_offset;    /* 144 */
+    uint64_t rings_offset;     /* 152 */
+    uint64_t ring_bytes;       /* 160 PICO_RING_HEADER_SIZE + ring_slots * slot_size */
+    uint32_t n_rings;          /* 168 2 * max_groups + 1 */
+    uint32_t reserved0;        /* 172 */
+    uint64_t groups_generation;/* 176 bumped by the group table's writer after a change */
+    char sem_prefix[PICO_SEM_PREFIX_LEN]; /* 184 doorbells are <sem_prefix>.in / .out */
+    uint64_t reserved[1];      /* 232 */
+    uint64_t reserved2[2];     /* 240 */
+} pico_pkt_desc;
+
+typedef struct pico_pkt_counters { /* written by the PMM only */
+    uint64_t rx_packets;       /* 256 packets received from NFQUEUE */
+    uint64_t rx_bytes;         /* 264 */
+    uint64_t malformed;        /* 272 not parsable as a flow (counted, default group) */
+    uint64_t default_group;    /* 280 packets classified to the default group */
+    uint64_t input_drops;      /* 288 dropped: the group's input ring was full */
+    uint64_t released;         /* 296 accepted (verdict) or sent (raw) */
+    uint64_t unwritten_drops;  /* 304 dropped: the middlebox never wrote them in time */
+    uint64_t raw_sent;         /* 312 middlebox-made packets sent through the raw socket */
+    uint64_t verdict_errors;   /* 320 verdicts or raw sends that failed */
+    uint64_t heartbeat_ns;     /* 328 CLOCK_MONOTONIC of the PMM loop's last pass */
+    uint64_t pending;          /* 336 NFQUEUE packets awaiting a verdict now */
+    uint64_t output_errors;    /* 344 output records the PMM could not use (bad id, length) */
+    uint64_t reserved[4];      /* 352 */
+} pico_pkt_counters;
+
+typedef struct pico_group {
+    /* line 0: control, written by the RM (by the PMM while creating the segment) */
+    uint32_t id;               /*   0 group id (0 = default group) */
+    uint32_t state;            /*   4 PICO_GROUP_FREE / PICO_GROUP_ACTIVE */
+    uint32_t frequency_hz;     /*   8 checkpoint frequency */
+    uint32_t target;           /*  12 backup replica id, 0 = none */
+    uint32_t buffering;        /*  16 1 = hold output until committed */
+    uint32_t suspended;        /*  20 1 = the middlebox must not read this group's input */
+    uint32_t protected_;       /*  24 1 = checkpoints run for this group */
+    uint32_t reserved0;        /*  28 */
+    uint64_t epoch;            /*  32 current epoch: the tag of outputs written now */
+    uint64_t committed;        /*  40 last epoch acknowledged by the backup */
+    uint64_t reserved1[2];     /*  48 */
+    /* line 1: written by the PMM */
+    uint64_t rx_packets;       /*  64 queued to this group's input ring */
+    uint64_t rx_bytes;         /*  72 */
+    uint64_t input_drops;      /*  80 input ring full */
+    uint64_t released;         /*  88 output released */
+    uint64_t held;             /*  96 output waiting for commit, at the last PMM pass */
+    uint64_t reserved2[3];     /* 104 */
+    /* line 2: written by the middlebox */
+    uint64_t pkts_read;        /* 128 taken from the input ring */
+    uint64_t pkts_done;        /* 136 read packets finished: written, written direct or dropped */
+    uint64_t written;          /* 144 into the output ring */
+    uint64_t written_direct;   /* 152 into the direct ring */
+    uint64_t dropped;          /* 160 pkt_drop */
+    uint64_t output_full;      /* 168 writes lost to a full output ring */
+    uint64_t created;          /* 176 packets the middlebox made */
+    uint64_t reserved3;        /* 184 */
+    uint64_t reserved4[8];     /* 192 line 3 */
+} pico_group;
+
+typedef struct pico_ring_header {
+    uint64_t tail;             /*   0 producer: slots published */
+    uint64_t full_drops;       /*   8 producer: packets lost to a full ring */
+    uint8_t pad0[48];          /*  16 */
+    uint64_t head;             /*  64 consumer: slots consumed */
+    uint8_t pad1[56];          /*  72 */
+    uint8_t pad2[128];         /* 128 slots start at 256 */
+} pico_ring_header;
+
+typedef struct pico_pkt_meta {
+    uint32_t len;              /*   0 packet bytes that follow the meta */
+    uint32_t flags;            /*   4 PICO_PKT_* */
+    uint32_t packet_id;        /*   8 NFQUEUE packet id; 0 for middlebox-made packets */
+    uint32_t group;            /*  12 group id */
+    uint64_t flow_hash;        /*  16 pico_hash_key(key) */
+    uint64_t epoch;            /*  24 output: epoch tag; input: 0 */
+    uint64_t ts_ns;            /*  32 CLOCK_MONOTONIC: input queued / output written */
+    uint32_t group_index;      /*  40 entry in the group table */
+    uint32_t reserved0;        /*  44 */
+    pico_flow_key key;         /*  48 canonical flow key (zero with PICO_PKT_NOFLOW) */
+    uint8_t reserved[40];      /*  88 */
+} pico_pkt_meta;
+
+_Static_assert(sizeof(pico_pkt_desc) == 128, "packet desc is 128 B");
+_Static_assert(sizeof(pico_pkt_counters) == 128, "packet counters are 128 B");
+_Static_assert(sizeof(pico_group) == 256, "group entry is 256 B");
+_Static_assert(sizeof(pico_ring_header) == PICO_RING_HEADER_SIZE, "ring header is 256 B");
+_Static_assert(sizeof(pico_pkt_meta) == PICO_PKT_META_SIZE, "packet meta is 128 B");
+_Static_assert(offsetof(pico_ring_header, head) == 64, "head on its own cache line");
 
 #endif /* PICO_ABI_H */

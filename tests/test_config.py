@@ -282,3 +282,44 @@ def test_check_config_usage_error(capsys):
         check_main([])
     assert info.value.code == 2
     assert "usage" in capsys.readouterr().err
+
+
+POLICIES = BASE + textwrap.dedent("""\
+    policies:
+      - group: web
+        proto: tcp
+        dport: 80
+      - group: default
+        src: 10.0.0.0/8
+        sport: 1000-2000
+    """)
+
+
+def test_policies_and_packets_section():
+    cfg = parse_config(POLICIES + "packets:\n  ring_slots: 256\n")
+    assert [r.group for r in cfg.policies] == ["web", "default"]
+    assert cfg.policies[0].proto == "tcp" and cfg.policies[0].dport == 80
+    assert cfg.policies[1].sport == "1000-2000" and cfg.policies[1].src == "10.0.0.0/8"
+    assert cfg.packets.ring_slots == 256 and cfg.packets.mtu == 1500
+    assert parse_config(BASE).policies == []
+
+
+@pytest.mark.parametrize("old,new,line,key,fragment", [
+    ("  - group: web\n", "  - group: mail\n", 17, "policies[0].group", "is not defined"),
+    ("    proto: tcp\n", "    proto: sctpx\n", 18, "policies[0].proto", "not a protocol"),
+    ("    dport: 80\n", "    dport: 90000\n", 19, "policies[0].dport", "0..65535"),
+    ("    sport: 1000-2000\n", "    sport: 2000-1000\n", 22, "policies[1].sport", "LO-HI"),
+    ("    src: 10.0.0.0/8\n", "    src: 10.0.0.300/8\n", 21, "policies[1].src", "not an address"),
+    ("    dport: 80\n", "    dport: 80\n    bogus: 1\n", 20, "policies[0].bogus", "unknown key"),
+])
+def test_policy_errors_are_located(tmp_path, old, new, line, key, fragment):
+    expect_error(tmp_path, edit(old, new, POLICIES), line, key, fragment)
+
+
+def test_packets_errors(tmp_path):
+    expect_error(tmp_path, BASE + "packets:\n  ring_slots: 1000\n", 17, "packets.ring_slots",
+                 "power of two")
+    expect_error(tmp_path, BASE + "packets:\n  mtu: 1400\n", 17, "packets.mtu", "between 1500")
+    expect_error(tmp_path, BASE + "policies: {a: 1}\n", 16, "policies", "list")
+    two_groups = edit("groups:\n", "groups:\n  extra:\n    id: 9\n") + "packets:\n  max_groups: 2\n"
+    expect_error(tmp_path, two_groups, 12, "groups", "exceed packets.max_groups")

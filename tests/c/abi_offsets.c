@@ -72,6 +72,32 @@ static void begin(const char *name, size_t size)
     F(T, version) F(T, ckpt_epoch) F(T, modified) F(T, txn_pid) F(T, hash)      \
     F(T, reserved)
 
+#define PKT_DESC_FIELDS(T, F)                                                   \
+    F(T, max_groups) F(T, ring_slots) F(T, slot_size) F(T, mtu) F(T, groups_offset) \
+    F(T, rings_offset) F(T, ring_bytes) F(T, n_rings) F(T, reserved0)           \
+    F(T, groups_generation) F(T, sem_prefix) F(T, reserved) F(T, reserved2)
+
+#define PKT_COUNTERS_FIELDS(T, F)                                               \
+    F(T, rx_packets) F(T, rx_bytes) F(T, malformed) F(T, default_group)         \
+    F(T, input_drops) F(T, released) F(T, unwritten_drops) F(T, raw_sent)       \
+    F(T, verdict_errors) F(T, heartbeat_ns) F(T, pending) F(T, output_errors)   \
+    F(T, reserved)
+
+#define GROUP_FIELDS(T, F)                                                      \
+    F(T, id) F(T, state) F(T, frequency_hz) F(T, target) F(T, buffering)        \
+    F(T, suspended) F(T, protected_) F(T, reserved0) F(T, epoch) F(T, committed) \
+    F(T, reserved1) F(T, rx_packets) F(T, rx_bytes) F(T, input_drops)           \
+    F(T, released) F(T, held) F(T, reserved2) F(T, pkts_read) F(T, pkts_done)   \
+    F(T, written) F(T, written_direct) F(T, dropped) F(T, output_full)          \
+    F(T, created) F(T, reserved3) F(T, reserved4)
+
+#define RING_HEADER_FIELDS(T, F)                                                \
+    F(T, tail) F(T, full_drops) F(T, pad0) F(T, head) F(T, pad1) F(T, pad2)
+
+#define PKT_META_FIELDS(T, F)                                                   \
+    F(T, len) F(T, flags) F(T, packet_id) F(T, group) F(T, flow_hash) F(T, epoch) \
+    F(T, ts_ns) F(T, group_index) F(T, reserved0) F(T, key) F(T, reserved)
+
 int main(void)
 {
     EMIT(pico_seg_header, SEG_HEADER_FIELDS);
@@ -81,6 +107,11 @@ int main(void)
     EMIT(pico_stripe, STRIPE_FIELDS);
     EMIT(pico_flow_key, FLOW_KEY_FIELDS);
     EMIT(pico_flow_slot, FLOW_SLOT_FIELDS);
+    EMIT(pico_pkt_desc, PKT_DESC_FIELDS);
+    EMIT(pico_pkt_counters, PKT_COUNTERS_FIELDS);
+    EMIT(pico_group, GROUP_FIELDS);
+    EMIT(pico_ring_header, RING_HEADER_FIELDS);
+    EMIT(pico_pkt_meta, PKT_META_FIELDS);
 
     printf(",\n  \"constants\": {");
     int first = 1;
@@ -107,6 +138,18 @@ int main(void)
     CONST(PICO_FLOW_DESC_OFFSET)
     CONST(PICO_FLOW_COUNTERS_OFFSET)
     CONST(PICO_CLIENTS_OFFSET)
+    CONST(PICO_PKT_DESC_OFFSET)
+    CONST(PICO_PKT_COUNTERS_OFFSET)
+    CONST(PICO_GROUPS_OFFSET)
+    CONST(PICO_PKT_META_SIZE)
+    CONST(PICO_RING_HEADER_SIZE)
+    CONST(PICO_PKT_NEW)
+    CONST(PICO_PKT_MODIFIED)
+    CONST(PICO_PKT_DIRECT)
+    CONST(PICO_PKT_DROP)
+    CONST(PICO_PKT_CREATED)
+    CONST(PICO_PKT_IPV6)
+    CONST(PICO_PKT_NOFLOW)
     printf("}\n}\n");
     return 0;
 }
