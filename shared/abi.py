@@ -161,7 +161,7 @@ PKT_DESC = _struct([
     ("rings_offset", "<u8", 24),
     ("ring_bytes", "<u8", 32),
     ("n_rings", "<u4", 40),
-    ("reserved0", "<u4", 44),
+    ("consumer_pid", "<u4", 44),
     ("groups_generation", "<u8", 48),
     ("sem_prefix", f"S{SEM_PREFIX_LEN}", 56),
     ("reserved", ("<u8", 1), 104),

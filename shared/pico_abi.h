@@ -337,7 +337,8 @@ typedef struct pico_pkt_desc {
     uint64_t rings_offset;     /* 152 */
     uint64_t ring_bytes;       /* 160 PICO_RING_HEADER_SIZE + ring_slots * slot_size */
     uint32_t n_rings;          /* 168 2 * max_groups + 1 */
-    uint32_t reserved0;        /* 172 */
+    uint32_t consumer_pid;     /* 172 the attached middlebox (single consumer of input rings),
+                                *     0 if none; written by it, cleared by the PMM at its death */
     uint64_t groups_generation;/* 176 bumped by the group table's writer after a change */
     char sem_prefix[PICO_SEM_PREFIX_LEN]; /* 184 doorbells are <sem_prefix>.in / .out */
     uint64_t reserved[1];      /* 232 */

@@ -1,0 +1,5 @@
+import sys
+
+from pmm.main import main
+
+sys.exit(main())

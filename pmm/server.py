@@ -1,0 +1,243 @@
+"""The PMM process shell: NFQUEUE in, verdicts and a raw socket out.
+
+Two threads, one job each:
+- the main thread runs NetfilterQueue's receive loop; its callback hands each packet to
+  Ingress (parse, classify, queue) and keeps the packet object until its verdict;
+- the release thread waits on the output doorbell, asks Releaser which packets output commit
+  lets go, and gives their verdicts (accept with the new bytes, drop, or a raw-socket send). It
+  also drops packets the middlebox never wrote in time, and beats the heartbeat.
+A crash in either thread stops the whole process (fate-sharing: the replica fails whole).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+import posix_ipc
+
+from shared import abi
+from shared import log as pico_log
+from shared.api import attach_replica
+from shared.errors import PicoError
+from shared.flowtable import ACTIVE, STANDBY
+
+from .checksum import fix_checksums
+from .classify import Classifier
+from .core import ACCEPT, DROP, QUEUED, SEND, Ingress, Releaser
+from .store import PacketStore
+
+SWEEP_INTERVAL_S = 0.05
+
+
+class RawSender:
+    """Sends middlebox-made IP packets (header included) through raw sockets."""
+
+    def __init__(self):
+        self._v4 = self._v6 = None
+
+    def send(self, data: bytes) -> None:
+        if not data:
+            raise ValueError("empty packet")
+        if data[0] >> 4 == 4:
+            if self._v4 is None:
+                self._v4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            self._v4.sendto(data, (socket.inet_ntop(socket.AF_INET, data[16:20]), 0))
+        elif data[0] >> 4 == 6:
+            if self._v6 is None:
+                self._v6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            self._v6.sendto(data, (socket.inet_ntop(socket.AF_INET6, data[24:40]), 0))
+        else:
+            raise ValueError(f"not an IP packet (version {data[0] >> 4})")
+
+    def close(self) -> None:
+        for s in (self._v4, self._v6):
+            if s is not None:
+                s.close()
+
+
+class PmmServer:
+    def __init__(self, config, replica: str, audit_path: str | None = None):
+        self.log = pico_log.get_logger("pmm", replica=replica)
+        self.config = config
+        self.replica = config.replica(replica)
+        self.store = PacketStore(config, replica)
+        self.seg = self.store.seg
+        # The flow table tells which group an existing flow (e.g. one activated at failover)
+        # belongs to; the SMM must be up first.
+        self.flows = attach_replica(config, replica, timeout=10.0, name="pico-pmm")
+        self.ingress = Ingress(self.seg, Classifier(config), self._flow_group)
+        self.releaser = Releaser(self.seg)
+        self.raw = RawSender()
+        self.pending: dict[int, tuple[object, float]] = {}
+        self.pending_timeout = config.packets.pending_timeout_ms / 1000.0
+        self._stop = threading.Event()
+        self._audit = open(audit_path, "a", buffering=1) if audit_path else None
+        self._release_thread = threading.Thread(target=self._release_loop, name="release",
+                                                daemon=True)
+
+    # ---------------------------------------------------------------- ingress (main thread)
+    def _flow_group(self, key: bytes, h: int) -> int | None:
+        table = self.flows.table
+        idx, status = table.lookup(key)
+        if status in (ACTIVE, STANDBY):
+            return int(table.slots["group"][idx])
+        return None
+
+    def _on_packet(self, pkt) -> None:
+        try:
+            payload = pkt.get_payload()
+            pid = pkt.id
+            result = self.ingress.on_packet(pid, payload)
+        except Exception:  # never let one packet take the queue down: drop it and go on
+            self.log.exception("failed to queue a packet; dropped")
+            pkt.drop()
+            return
+        if result == QUEUED:
+            self.pending[pid] = (pkt, time.monotonic())
+            self.store.in_bell.release()
+        else:
+            pkt.drop()
+
+    # ---------------------------------------------------------------- release (thread)
+    def _release_loop(self) -> None:
+        try:
+            next_sweep = 0.0
+            while not self._stop.is_set():
+                try:
+                    self.store.out_bell.acquire(SWEEP_INTERVAL_S)
+                except posix_ipc.BusyError:
+                    pass
+                self._release()
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self._sweep(now)
+                    next_sweep = now + SWEEP_INTERVAL_S
+        except BaseException:
+            self.log.exception("release thread crashed: stopping the PMM")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _release(self) -> None:
+        while True:
+            verdicts = self.releaser.drain()
+            if not verdicts:
+                return
+            released = raw = errors = bad = 0
+            for v in verdicts:
+                try:
+                    if v.action == SEND:
+                        self.raw.send(fix_checksums(v.data))
+                        raw += 1
+                        released += 1
+                        continue
+                    entry = self.pending.pop(v.packet_id, None)
+                    if entry is None:
+                        bad += 1  # an id we never queued, or already decided
+                        continue
+                    pkt = entry[0]
+                    if v.action == DROP:
+                        pkt.drop()
+                    else:
+                        if v.data is not None:
+                            pkt.set_payload(fix_checksums(v.data))
+                        pkt.accept()
+                        released += 1
+                except (OSError, RuntimeError, ValueError) as e:
+                    errors += 1
+                    self.log.warning(f"verdict for packet {v.packet_id} failed: {e}")
+                if self._audit and v.action != DROP:
+                    self._audit.write(json.dumps({"g": v.group, "e": v.epoch, "c": v.committed,
+                                                  "b": v.buffering, "id": v.packet_id}) + "\n")
+            c = self.seg.counters
+            c["released"] = int(c["released"]) + released
+            c["raw_sent"] = int(c["raw_sent"]) + raw
+            c["verdict_errors"] = int(c["verdict_errors"]) + errors
+            c["output_errors"] = int(c["output_errors"]) + bad
+
+    def _sweep(self, now: float) -> None:
+        """Drop packets the middlebox never wrote in time; heartbeat; publish counters."""
+        stale = [pid for pid, (_, t) in list(self.pending.items())
+                 if now - t > self.pending_timeout]
+        for pid in stale:
+            entry = self.pending.pop(pid, None)
+            if entry is not None:
+                try:
+                    entry[0].drop()
+                except (OSError, RuntimeError):
+                    pass
+        c = self.seg.counters
+        if stale:
+            c["unwritten_drops"] = int(c["unwritten_drops"]) + len(stale)
+            self.log.warning(f"dropped {len(stale)} packet(s) the middlebox did not write "
+                             f"within {self.pending_timeout:g} s")
+        c["pending"] = len(self.pending)
+        c["heartbeat_ns"] = time.monotonic_ns()
+        consumer = int(self.seg.desc["consumer_pid"])
+        if consumer and not _alive(consumer):
+            self.seg.desc["consumer_pid"] = 0
+            self.log.warning(f"middlebox pid {consumer} is gone; waiting for the next one")
+
+    # ---------------------------------------------------------------- lifecycle
+    def serve(self) -> None:
+        from netfilterqueue import NetfilterQueue
+        nfq = NetfilterQueue()
+        queue = self.replica.nfqueue
+        try:
+            nfq.bind(queue, self._on_packet, max_len=self.config.packets.queue_maxlen)
+        except OSError as e:
+            raise PicoError(f"cannot bind NFQUEUE {queue} ({e}): run as root inside the "
+                            "replica's namespace, with no other process bound to it") from None
+        self.log.info(f"bound NFQUEUE {queue}; packet segment {self.store.name} ready "
+                      f"({self.seg.g.max_groups} groups x {self.seg.g.ring_slots} slots)")
+        self._release_thread.start()
+        try:
+            nfq.run()
+        except _Stop:
+            pass
+        finally:
+            self._stop.set()
+            nfq.unbind()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._release_thread.is_alive():
+            self._release_thread.join(2)
+        for pkt, _ in list(self.pending.values()):
+            try:
+                pkt.drop()
+            except (OSError, RuntimeError):
+                pass
+        self.pending.clear()
+        self.raw.close()
+        if self._audit:
+            self._audit.close()
+        self.flows.close()
+        self.store.close(unlink=True)
+        self.log.info("stopped; packet segment removed")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _alive(pid: int) -> bool:
+    from shared.segment import process_alive
+    return process_alive(pid)
+
+
+def run(config, replica: str, audit_path: str | None = None) -> int:
+    server = PmmServer(config, replica, audit_path)
+
+    def stop(*_):
+        raise _Stop()  # raised in the main thread, inside NetfilterQueue's recv loop
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve()
+    finally:
+        server.close()
+    return 0

@@ -1,0 +1,348 @@
+"""The packet segment in Python: its geometry, the group table, and the middlebox packet API.
+
+    from shared.packets import attach_packets
+    with attach_packets("/pico.demo.r1.pkts") as io:
+        while True:
+            pkt = io.pkt_read(timeout=1.0)       # next packet of a group that is not suspended
+            if pkt is None:
+                continue
+            ...                                  # pkt.key / pkt.flow_hash / pkt.group: the flow
+            io.pkt_write(pkt)                    # or pkt_write(pkt, new_bytes), pkt_drop(pkt)
+
+The PMM creates the segment (pmm/store.py); the RM writes the group table's control line
+(GroupControl here is what it, or a test standing in for it, uses). pico_abi.h is the spec.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import posix_ipc
+
+from . import abi
+from .errors import AttachError, PicoError
+from .rings import Ring
+from .segment import Segment, attach_segment, process_alive
+
+_U64 = struct.Struct("<Q")
+
+
+def pkt_segment_name(shm_prefix: str, cluster: str, replica: str) -> str:
+    """/<shm_prefix>.<cluster>.<replica>.pkts (pico_abi.h, packet segment)."""
+    return f"/{shm_prefix}.{cluster}.{replica}.pkts"
+
+
+def doorbell_names(sem_prefix: str) -> tuple[str, str]:
+    return f"{sem_prefix}.in", f"{sem_prefix}.out"
+
+
+class PacketError(PicoError):
+    """A packet call was misused (unknown group, oversized packet...)."""
+
+
+@dataclass(frozen=True)
+class PacketGeometry:
+    max_groups: int
+    ring_slots: int
+    slot_size: int
+    mtu: int
+    groups_offset: int
+    rings_offset: int
+    ring_bytes: int
+    n_rings: int
+
+    @classmethod
+    def from_desc(cls, desc) -> "PacketGeometry":
+        return cls(**{f: int(desc[f]) for f in cls.__dataclass_fields__})
+
+
+class PacketSegment:
+    """Views over a mapped packet segment: descriptor, counters, group table, rings."""
+
+    def __init__(self, seg: Segment):
+        self.segment = seg
+        self.desc = seg.view(abi.PKT_DESC, abi.PKT_DESC_OFFSET)
+        self.g = PacketGeometry.from_desc(self.desc)
+        self.counters = seg.view(abi.PKT_COUNTERS, abi.PKT_COUNTERS_OFFSET)
+        self.groups = seg.view(abi.GROUP, self.g.groups_offset, self.g.max_groups)
+        self.sem_prefix = bytes(self.desc["sem_prefix"]).split(b"\0", 1)[0].decode()
+        self.rings = [Ring(seg.buf, self.g.rings_offset + i * self.g.ring_bytes,
+                           self.g.ring_slots, self.g.slot_size) for i in range(self.g.n_rings)]
+
+    def input_ring(self, index: int) -> Ring:
+        return self.rings[2 * index]
+
+    def output_ring(self, index: int) -> Ring:
+        return self.rings[2 * index + 1]
+
+    @property
+    def direct_ring(self) -> Ring:
+        return self.rings[2 * self.g.max_groups]
+
+    def active_groups(self) -> dict[int, int]:
+        """group id -> table index of the entries in use."""
+        idx = np.flatnonzero(self.groups["state"] == abi.GROUP_ACTIVE)
+        return {int(self.groups["id"][i]): int(i) for i in idx}
+
+    def generation(self) -> int:
+        return int(self.desc["groups_generation"])
+
+    def bump(self, counter: str, n: int = 1) -> None:
+        self.counters[counter] = int(self.counters[counter]) + n
+
+    def group_stats(self) -> list[dict]:
+        out = []
+        for gid, i in sorted(self.active_groups().items()):
+            row = self.groups[i]
+            d = {"id": gid, "index": i}
+            for f in abi.GROUP_CONTROL[2:] + ["epoch", "committed"] + abi.GROUP_PMM + abi.GROUP_MB:
+                d[f.rstrip("_")] = int(row[f])
+            d["input_queued"] = len(self.input_ring(i))
+            d["output_queued"] = len(self.output_ring(i))
+            out.append(d)
+        return out
+
+    def release_views(self) -> None:
+        self.desc = self.counters = self.groups = None
+        self.rings = []
+
+
+class Packet:
+    """A packet handed to the middlebox: a private copy of its bytes and where it belongs."""
+
+    __slots__ = ("data", "packet_id", "flags", "group", "group_index", "flow_hash", "key",
+                 "ts_ns")
+
+    def __init__(self, data: bytes, packet_id: int, flags: int, group: int, group_index: int,
+                 flow_hash: int, key: bytes, ts_ns: int):
+        self.data, self.packet_id, self.flags, self.group = data, packet_id, flags, group
+        self.group_index, self.flow_hash, self.key, self.ts_ns = group_index, flow_hash, key, ts_ns
+
+    @property
+    def is_new_flow(self) -> bool:
+        return bool(self.flags & abi.PKT_NEW)
+
+    @property
+    def has_flow(self) -> bool:
+        return not self.flags & abi.PKT_NOFLOW
+
+    def __repr__(self) -> str:
+        return (f"Packet(id={self.packet_id}, group={self.group}, len={len(self.data)}, "
+                f"flags={self.flags:#x})")
+
+
+class PacketClient:
+    """The middlebox side: the single consumer of input rings, producer of output rings."""
+
+    def __init__(self, seg: Segment):
+        self.seg = PacketSegment(seg)
+        desc = self.seg.desc
+        pid = int(desc["consumer_pid"])
+        if pid and pid != os.getpid() and process_alive(pid):
+            self.seg.release_views()
+            raise AttachError(f"packet segment {seg.name} already has a middlebox (pid {pid}); "
+                              "input rings have a single consumer: stop it first")
+        desc["consumer_pid"] = os.getpid()
+        in_name, out_name = doorbell_names(self.seg.sem_prefix)
+        try:
+            self._in_bell = posix_ipc.Semaphore(in_name)
+            self._out_bell = posix_ipc.Semaphore(out_name)
+        except posix_ipc.ExistentialError:
+            desc["consumer_pid"] = 0
+            self.seg.release_views()
+            raise AttachError(f"doorbell semaphores {in_name}/{out_name} are missing: is the "
+                              "PMM running?") from None
+        self._generation = -1
+        self._order: list[int] = []
+        self._rr = 0
+        self._refresh()
+        # Packets a previous middlebox took but never finished are abandoned: the PMM drops
+        # them when they time out. Start the counts even so checkpoints are not blocked.
+        for i in self._order:
+            row = self.seg.groups[i]
+            row["pkts_done"] = int(row["pkts_read"])
+
+    def _refresh(self) -> None:
+        gen = self.seg.generation()
+        if gen != self._generation:
+            self._generation = gen
+            self._by_id = self.seg.active_groups()
+            self._order = sorted(self._by_id.values())
+            self._rr = 0
+
+    def _count(self, index: int, field: str) -> None:
+        row = self.seg.groups[index]
+        row[field] = int(row[field]) + 1
+
+    # ------------------------------------------------------------------ reading
+    def pkt_read(self, timeout: float | None = None) -> Packet | None:
+        """The next packet of a group that is not suspended, round robin over groups so no
+        group starves another; blocks (no spinning) up to `timeout` s (None: forever)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._refresh()
+            groups = self.seg.groups
+            order, n = self._order, len(self._order)
+            for k in range(n):
+                i = order[(self._rr + k) % n]
+                if groups[i]["suspended"]:
+                    continue
+                got = self.seg.input_ring(i).pop()
+                if got is not None:
+                    self._rr = (self._rr + k + 1) % n
+                    self._count(i, "pkts_read")
+                    m, data = got
+                    return Packet(data, m.packet_id, m.flags, m.group, i, m.flow_hash, m.key,
+                                  m.ts_ns)
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                return None
+            try:
+                self._in_bell.acquire(wait)
+            except posix_ipc.BusyError:
+                return None
+
+    # ------------------------------------------------------------------ writing
+    def _index(self, group: int) -> int:
+        self._refresh()
+        try:
+            return self._by_id[group]
+        except KeyError:
+            raise PacketError(f"group {group} does not exist in {self.seg.segment.name}; "
+                              f"known: {sorted(self._by_id)}") from None
+
+    def _emit(self, ring: Ring, pkt: Packet, data, flags: int, epoch: int) -> bool:
+        ok = ring.push(data, pkt.packet_id, flags, pkt.group, pkt.flow_hash, epoch,
+                       pkt.group_index, pkt.key)
+        self._out_bell.release()
+        return ok
+
+    def pkt_write(self, pkt: Packet, data: bytes | None = None) -> bool:
+        """Queue the packet (or `data`, its rewritten bytes) for release once the checkpoint
+        of the group's current epoch is acknowledged. False if the output ring was full (the
+        packet is dropped and counted)."""
+        i = pkt.group_index
+        flags = pkt.flags & ~(abi.PKT_DIRECT | abi.PKT_DROP)
+        if data is not None and data != pkt.data:
+            flags |= abi.PKT_MODIFIED
+        else:
+            data = pkt.data
+        ok = self._emit(self.seg.output_ring(i), pkt, data, flags,
+                        int(self.seg.groups[i]["epoch"]))
+        self._finish(i, "written" if ok else "output_full", pkt)
+        return ok
+
+    def pkt_write_direct(self, pkt: Packet, data: bytes | None = None) -> bool:
+        """Release at once, bypassing output commit (the paper's pkt_write_direct)."""
+        flags = (pkt.flags | abi.PKT_DIRECT) & ~abi.PKT_DROP
+        if data is not None and data != pkt.data:
+            flags |= abi.PKT_MODIFIED
+        else:
+            data = pkt.data
+        ok = self._emit(self.seg.direct_ring, pkt, data, flags, 0)
+        self._finish(pkt.group_index, "written_direct" if ok else "output_full", pkt)
+        return ok
+
+    def pkt_drop(self, pkt: Packet) -> bool:
+        """Drop the packet now (its NFQUEUE verdict is given at once)."""
+        ok = True
+        if not pkt.flags & abi.PKT_CREATED:
+            ok = self._emit(self.seg.direct_ring, pkt, b"", pkt.flags | abi.PKT_DROP, 0)
+        self._finish(pkt.group_index, "dropped", pkt)
+        return ok
+
+    def pkt_create(self, data: bytes, group: int = abi.GROUP_DEFAULT, key: bytes = bytes(40),
+                   flow_hash: int = 0) -> bool:
+        """Emit a packet the middlebox made (a full IP packet), into `group`'s output ring; the
+        PMM sends it through a raw socket once released."""
+        i = self._index(group)
+        pkt = Packet(b"", 0, abi.PKT_CREATED, group, i, flow_hash, key, 0)
+        ok = self._emit(self.seg.output_ring(i), pkt, data, abi.PKT_CREATED,
+                        int(self.seg.groups[i]["epoch"]))
+        self._count(i, "created" if ok else "output_full")
+        return ok
+
+    def _finish(self, index: int, field: str, pkt: Packet) -> None:
+        row = self.seg.groups[index]
+        row[field] = int(row[field]) + 1
+        if pkt.packet_id or not pkt.flags & abi.PKT_CREATED:
+            row["pkts_done"] = int(row["pkts_done"]) + 1
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        if self.seg.desc is not None and int(self.seg.desc["consumer_pid"]) == os.getpid():
+            self.seg.desc["consumer_pid"] = 0
+        self._in_bell.close()
+        self._out_bell.close()
+        self.seg.release_views()
+        self.seg.segment.close()
+
+    def __enter__(self) -> "PacketClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class GroupControl:
+    """The writer of the group table's control line: the RM (tests stand in for it)."""
+
+    def __init__(self, seg: PacketSegment):
+        self.seg = seg
+        in_name, out_name = doorbell_names(seg.sem_prefix)
+        self._in_bell = posix_ipc.Semaphore(in_name)
+        self._out_bell = posix_ipc.Semaphore(out_name)
+
+    def _row(self, group: int):
+        idx = self.seg.active_groups().get(group)
+        if idx is None:
+            raise PacketError(f"no group {group} in {self.seg.segment.name}")
+        return self.seg.groups[idx]
+
+    def suspend(self, group: int) -> None:
+        self._row(group)["suspended"] = 1
+
+    def resume(self, group: int) -> None:
+        self._row(group)["suspended"] = 0
+        self._in_bell.release()  # wake a middlebox that found only suspended input
+
+    def set_buffering(self, group: int, on: bool) -> None:
+        self._row(group)["buffering"] = int(on)
+        self._out_bell.release()
+
+    def open_epoch(self, group: int, epoch: int) -> None:
+        self._row(group)["epoch"] = epoch
+
+    def commit(self, group: int, epoch: int) -> None:
+        """The backup acknowledged `epoch`: output tagged <= epoch may leave."""
+        self._row(group)["committed"] = epoch
+        self._out_bell.release()
+
+    def quiescent(self, group: int) -> bool:
+        """Every packet the middlebox read from the group is finished (pico_abi.h, output
+        commit): one of the RM's two conditions before copying a checkpoint."""
+        row = self._row(group)
+        return int(row["pkts_done"]) == int(row["pkts_read"])
+
+    def close(self) -> None:
+        self._in_bell.close()
+        self._out_bell.close()
+
+
+def attach_packets(segment_name: str, timeout: float = 2.0) -> PacketClient:
+    """Attach a middlebox to a replica's packet segment."""
+    seg = attach_segment(segment_name, abi.SEG_PACKETS, timeout)
+    try:
+        return PacketClient(seg)
+    except BaseException:
+        seg.close()
+        raise
+
+
+def attach_control(segment_name: str, timeout: float = 2.0) -> tuple[PacketSegment, GroupControl]:
+    """Attach as the group table's control writer (the RM, or a test in its place)."""
+    seg = PacketSegment(attach_segment(segment_name, abi.SEG_PACKETS, timeout))
+    return seg, GroupControl(seg)

@@ -1,0 +1,107 @@
+"""Single-producer single-consumer packet rings over a buffer (pico_abi.h, "Rings").
+
+Free-running u64 counters: the producer owns `tail` (and `full_drops`), the consumer owns
+`head`; each sits on its own cache line. The producer writes the packet bytes, then the meta,
+then publishes tail + 1; the consumer copies a slot out, then publishes head + 1. No locks.
+"""
+from __future__ import annotations
+
+import struct
+import time
+from typing import NamedTuple
+
+from . import abi
+
+# pico_pkt_meta: len flags packet_id group flow_hash epoch ts_ns group_index rsvd key[40] rsvd[40]
+META = struct.Struct("<IIIIQQQII40s40x")
+assert META.size == abi.PKT_META_SIZE
+_U64 = struct.Struct("<Q")
+_TAIL, _DROPS, _HEAD = 0, 8, 64
+_pack64, _unpack64 = _U64.pack_into, _U64.unpack_from
+
+
+class Meta(NamedTuple):
+    len: int
+    flags: int
+    packet_id: int
+    group: int
+    flow_hash: int
+    epoch: int
+    ts_ns: int
+    group_index: int
+    key: bytes
+
+
+class Ring:
+    """One ring at `offset` in `buf`. Use it from exactly one producer and one consumer."""
+
+    __slots__ = ("_buf", "_off", "_mask", "slots", "slot_size", "_data_max", "_first")
+
+    def __init__(self, buf: memoryview, offset: int, slots: int, slot_size: int):
+        if slots & (slots - 1):
+            raise ValueError(f"ring capacity {slots} is not a power of two")
+        self._buf = buf
+        self._off = offset
+        self.slots = slots
+        self._mask = slots - 1
+        self.slot_size = slot_size
+        self._data_max = slot_size - abi.PKT_META_SIZE
+        self._first = offset + abi.RING_HEADER_SIZE
+
+    # ------------------------------------------------------------------ both sides
+    def __len__(self) -> int:
+        return _unpack64(self._buf, self._off + _TAIL)[0] - _unpack64(self._buf, self._off + _HEAD)[0]
+
+    @property
+    def full_drops(self) -> int:
+        return _unpack64(self._buf, self._off + _DROPS)[0]
+
+    # ------------------------------------------------------------------ producer
+    def push(self, data, packet_id: int, flags: int, group: int, flow_hash: int, epoch: int,
+             group_index: int, key: bytes, ts_ns: int | None = None) -> bool:
+        """Append one packet; False (and full_drops += 1) if the ring is full."""
+        buf, off = self._buf, self._off
+        n = len(data)
+        if n > self._data_max:
+            raise ValueError(f"packet of {n} bytes exceeds the ring's MTU {self._data_max}")
+        tail = _unpack64(buf, off + _TAIL)[0]
+        if tail - _unpack64(buf, off + _HEAD)[0] >= self.slots:
+            _pack64(buf, off + _DROPS, _unpack64(buf, off + _DROPS)[0] + 1)
+            return False
+        slot = self._first + (tail & self._mask) * self.slot_size
+        buf[slot + abi.PKT_META_SIZE:slot + abi.PKT_META_SIZE + n] = data
+        META.pack_into(buf, slot, n, flags, packet_id, group, flow_hash, epoch,
+                       time.monotonic_ns() if ts_ns is None else ts_ns, group_index, 0, key)
+        _pack64(buf, off + _TAIL, tail + 1)  # publish last
+        return True
+
+    # ------------------------------------------------------------------ consumer
+    def peek(self) -> Meta | None:
+        """The meta of the oldest packet, without consuming it (None if empty)."""
+        buf, off = self._buf, self._off
+        head = _unpack64(buf, off + _HEAD)[0]
+        if head == _unpack64(buf, off + _TAIL)[0]:
+            return None
+        m = META.unpack_from(buf, self._first + (head & self._mask) * self.slot_size)
+        return Meta(*m[:8], m[9])
+
+    def pop(self) -> tuple[Meta, bytes] | None:
+        """Copy the oldest packet out and consume it (None if empty)."""
+        buf, off = self._buf, self._off
+        head = _unpack64(buf, off + _HEAD)[0]
+        if head == _unpack64(buf, off + _TAIL)[0]:
+            return None
+        slot = self._first + (head & self._mask) * self.slot_size
+        m = META.unpack_from(buf, slot)
+        start = slot + abi.PKT_META_SIZE
+        data = bytes(buf[start:start + min(m[0], self._data_max)])
+        _pack64(buf, off + _HEAD, head + 1)  # publish last
+        return Meta(*m[:8], m[9]), data
+
+    def skip_all(self) -> int:
+        """Consume everything queued (a consumer taking over from a dead one); how many."""
+        buf, off = self._buf, self._off
+        tail = _unpack64(buf, off + _TAIL)[0]
+        n = tail - _unpack64(buf, off + _HEAD)[0]
+        _pack64(buf, off + _HEAD, tail)
+        return n
