@@ -74,7 +74,7 @@ static void begin(const char *name, size_t size)
 
 #define PKT_DESC_FIELDS(T, F)                                                   \
     F(T, max_groups) F(T, ring_slots) F(T, slot_size) F(T, mtu) F(T, groups_offset) \
-    F(T, rings_offset) F(T, ring_bytes) F(T, n_rings) F(T, reserved0)           \
+    F(T, rings_offset) F(T, ring_bytes) F(T, n_rings) F(T, consumer_pid)           \
     F(T, groups_generation) F(T, sem_prefix) F(T, reserved) F(T, reserved2)
 
 #define PKT_COUNTERS_FIELDS(T, F)                                               \
