@@ -76,6 +76,8 @@ const char *pico_strerror(int err)
     case PICO_E_SYS: return "system call failed";
     case PICO_E_NOCLIENT: return "client registry full";
     case PICO_E_NOTXN: return "no open transaction on that flow";
+    case PICO_E_TIMEOUT: return "no packet before the deadline";
+    case PICO_E_BUSY: return "another middlebox is attached";
     default: return "unknown pico error";
     }
 }
@@ -366,28 +368,24 @@ static int register_client(pico_ctx *c)
     return PICO_OK;
 }
 
-int pico_attach(const char *segment_name, int timeout_ms, pico_ctx **out)
+/* The attach protocol of pico_abi.h, common to every segment kind: open by name, poll the
+ * ready word until the deadline, check magic, ABI major, kind, sizes and the owner's liveness,
+ * then map the whole segment read-write. `who` names the owner in messages ("SMM", "PMM");
+ * `what` the kind ("flows", "packets"). On success *base_out / *size_out hold the mapping. */
+static int seg_open(const char *n, int timeout_ms, uint32_t kind, uint64_t min_size,
+                    const char *who, const char *what, uint8_t **base_out, size_t *size_out)
 {
-    if (out)
-        *out = NULL;
-    if (!segment_name || !out)
-        return fail(PICO_E_INVAL, "pico_attach: segment_name and out must not be NULL");
-    if (segment_name[0] != '/' || strlen(segment_name) >= PICO_NAME_MAX)
-        return fail(PICO_E_INVAL, "pico_attach: segment name '%s' must start with '/' and be "
-                    "shorter than %d bytes, e.g. /pico.demo.r1.flows", segment_name,
-                    PICO_NAME_MAX);
     if (timeout_ms < 0)
         timeout_ms = 0;
-    const char *n = segment_name;
-
     int fd = shm_open(n, O_RDWR, 0);
     if (fd < 0) {
         int e = errno;
         if (e == ENOENT)
-            return fail(PICO_E_MISSING, "segment %s does not exist (/dev/shm%s): is the SMM of "
-                        "this replica running?", n, n);
-        return fail(PICO_E_SYS, "shm_open(%s): %s%s", n, strerror(e),
-                    e == EACCES ? ": run the middlebox as the SMM's user" : "");
+            return fail(PICO_E_MISSING, "segment %s does not exist (/dev/shm%s): is the %s of "
+                        "this replica running?", n, n, who);
+        return fail(PICO_E_SYS, "shm_open(%s): %s%s%s", n, strerror(e),
+                    e == EACCES ? ": run the middlebox as the user of the " : "",
+                    e == EACCES ? who : "");
     }
 
     /* Poll until published. A segment still being created may briefly be short or all zero
@@ -406,8 +404,8 @@ int pico_attach(const char *segment_name, int timeout_ms, pico_ctx **out)
         if (st.st_size < (off_t)sizeof(pico_seg_header)) {
             if (expired) {
                 rc = fail(PICO_E_CORRUPT, "segment %s is truncated: %lld bytes, less than the "
-                          "%zu-byte header: remove it and restart the SMM", n,
-                          (long long)st.st_size, sizeof(pico_seg_header));
+                          "%zu-byte header: remove it and restart the %s", n,
+                          (long long)st.st_size, sizeof(pico_seg_header), who);
                 goto out_fd;
             }
             sleep_ms(1);
@@ -426,23 +424,23 @@ int pico_attach(const char *segment_name, int timeout_ms, pico_ctx **out)
         if (magic != PICO_MAGIC && !(magic == 0 && ready == 0 && !expired)) {
             rc = fail(PICO_E_CORRUPT, "segment %s is corrupt: magic 0x%016llx, expected 0x%016llx "
                       "(\"PICOSEG1\"): this is not a Pico segment, or it was never initialised; "
-                      "remove it and restart the SMM", n, (unsigned long long)magic,
-                      (unsigned long long)PICO_MAGIC);
+                      "remove it and restart the %s", n, (unsigned long long)magic,
+                      (unsigned long long)PICO_MAGIC, who);
             goto out_hdr;
         }
         if (ready == PICO_READY)
             break;
         if (ready == PICO_CLOSED) {
             rc = fail(PICO_E_STALE, "segment %s was closed by its owner (pid %lld, ready = CLOSED): "
-                      "the SMM shut down; restart it, then re-attach", n,
-                      (long long)hdr->owner_pid);
+                      "the %s shut down; restart it, then re-attach", n,
+                      (long long)hdr->owner_pid, who);
             goto out_hdr;
         }
         if (expired) {
             rc = fail(PICO_E_NOTREADY, "segment %s is not ready after %d ms (ready word 0x%08x): "
                       "the owner (pid %lld) has not finished creating it; retry with a longer "
-                      "timeout or check the SMM's log", n, timeout_ms, ready,
-                      (long long)hdr->owner_pid);
+                      "timeout or check the %s's log", n, timeout_ms, ready,
+                      (long long)hdr->owner_pid, who);
             goto out_hdr;
         }
         sleep_ms(1);
@@ -454,18 +452,18 @@ int pico_attach(const char *segment_name, int timeout_ms, pico_ctx **out)
                   hdr->abi_minor, PICO_ABI_MAJOR, PICO_ABI_MINOR);
         goto out_hdr;
     }
-    if (hdr->kind != PICO_SEG_FLOWS) {
-        rc = fail(PICO_E_CORRUPT, "segment %s has kind %u, expected %u (flows): attach to the "
-                  "replica's .flows segment", n, hdr->kind, PICO_SEG_FLOWS);
+    if (hdr->kind != kind) {
+        rc = fail(PICO_E_CORRUPT, "segment %s has kind %u, expected %u (%s): attach to the "
+                  "replica's .%s segment", n, hdr->kind, kind, what, what);
         goto out_hdr;
     }
     if (hdr->header_size != sizeof(pico_seg_header) || hdr->segment_size != (uint64_t)st.st_size ||
-        st.st_size < (off_t)(PICO_CLIENTS_OFFSET + PICO_MAX_CLIENTS * sizeof(pico_client))) {
+        (uint64_t)st.st_size < min_size) {
         rc = fail(PICO_E_CORRUPT, "segment %s is corrupt: header says header_size %u, "
-                  "segment_size %llu, but the header is %zu bytes and the segment %lld bytes: "
-                  "remove it and restart the SMM", n, hdr->header_size,
+                  "segment_size %llu, but the header is %zu bytes and the segment %lld bytes "
+                  "(at least %llu needed): remove it and restart the %s", n, hdr->header_size,
                   (unsigned long long)hdr->segment_size, sizeof(pico_seg_header),
-                  (long long)st.st_size);
+                  (long long)st.st_size, (unsigned long long)min_size, who);
         goto out_hdr;
     }
     {
@@ -473,38 +471,69 @@ int pico_attach(const char *segment_name, int timeout_ms, pico_ctx **out)
         long long opid = (long long)hdr->owner_pid;
         if (opid <= 0 || proc_start_time(opid, &start) != 0) {
             rc = fail(PICO_E_STALE, "segment %s is stale: its owner pid %lld is not running: "
-                      "restart the SMM of this replica (it recreates the segment)", n, opid);
+                      "restart the %s of this replica (it recreates the segment)", n, opid, who);
             goto out_hdr;
         }
         if (start != hdr->owner_start_time) {
             rc = fail(PICO_E_STALE, "segment %s is stale: its owner pid %lld died (the pid now "
                       "belongs to a process started at tick %llu, the owner started at %llu): "
-                      "restart the SMM of this replica", n, opid, (unsigned long long)start,
-                      (unsigned long long)hdr->owner_start_time);
+                      "restart the %s of this replica", n, opid, (unsigned long long)start,
+                      (unsigned long long)hdr->owner_start_time, who);
             goto out_hdr;
         }
     }
+    {
+        size_t size = (size_t)st.st_size;
+        void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (m == MAP_FAILED) {
+            rc = fail(PICO_E_SYS, "mmap(%s, %zu bytes): %s", n, size, strerror(errno));
+            goto out_hdr;
+        }
+        *base_out = m;
+        *size_out = size;
+        rc = PICO_OK;
+    }
+out_hdr:
+    if (hdr)
+        munmap(hdr, sizeof(pico_seg_header));
+out_fd:
+    close(fd);
+    return rc;
+}
+
+int pico_attach(const char *segment_name, int timeout_ms, pico_ctx **out)
+{
+    if (out)
+        *out = NULL;
+    if (!segment_name || !out)
+        return fail(PICO_E_INVAL, "pico_attach: segment_name and out must not be NULL");
+    if (segment_name[0] != '/' || strlen(segment_name) >= PICO_NAME_MAX)
+        return fail(PICO_E_INVAL, "pico_attach: segment name '%s' must start with '/' and be "
+                    "shorter than %d bytes, e.g. /pico.demo.r1.flows", segment_name,
+                    PICO_NAME_MAX);
+    const char *n = segment_name;
+    uint8_t *base = NULL;
+    size_t size = 0;
+    int rc = seg_open(n, timeout_ms, PICO_SEG_FLOWS,
+                      PICO_CLIENTS_OFFSET + PICO_MAX_CLIENTS * sizeof(pico_client), "SMM", "flows",
+                      &base, &size);
+    if (rc != PICO_OK)
+        return rc;
 
     pico_ctx *c = calloc(1, sizeof *c);
     if (!c) {
-        rc = fail(PICO_E_SYS, "attach %s: out of memory", n);
-        goto out_hdr;
+        munmap(base, size);
+        return fail(PICO_E_SYS, "attach %s: out of memory", n);
     }
     c->client_idx = -1;
     snprintf(c->name, sizeof c->name, "%s", n);
-    c->size = (size_t)st.st_size;
-    void *m = mmap(NULL, c->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (m == MAP_FAILED) {
-        rc = fail(PICO_E_SYS, "mmap(%s, %zu bytes): %s", n, c->size, strerror(errno));
-        free(c);
-        goto out_hdr;
-    }
-    c->base = m;
+    c->base = base;
+    c->size = size;
     c->hdr = (pico_seg_header *)c->base;
     c->desc = (pico_flow_desc *)(c->base + PICO_FLOW_DESC_OFFSET);
     if ((rc = check_geometry(c)) != PICO_OK) {
         ctx_free(c);
-        goto out_hdr;
+        return rc;
     }
     c->clients = (pico_client *)(c->base + c->desc->clients_offset);
     c->stripes = (pico_stripe *)(c->base + c->desc->stripes_offset);
@@ -522,15 +551,10 @@ int pico_attach(const char *segment_name, int timeout_ms, pico_ctx **out)
 
     if ((rc = open_sems(c)) != PICO_OK || (rc = register_client(c)) != PICO_OK) {
         ctx_free(c);
-        goto out_hdr;
+        return rc;
     }
     *out = c;
-    rc = PICO_OK;
-out_hdr:
-    munmap(hdr, sizeof(pico_seg_header));
-out_fd:
-    close(fd);
-    return rc;
+    return PICO_OK;
 }
 
 void pico_detach(pico_ctx *c)
@@ -860,5 +884,515 @@ int pico_del_flow(pico_ctx *c, const pico_flow_key *key)
     }
     tombstone(c, sl, s);
     unhold_stripe(c, s);
+    return PICO_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The packet API (pico_abi.h, "The packet segment"); shared/packets.py is the Python binding of
+ * the same protocol (PacketClient), and this code follows it call for call. */
+
+struct pico_pkt_io {
+    char name[PICO_NAME_MAX];
+    char sem_prefix[PICO_SEM_PREFIX_LEN + 1];
+    uint8_t *base;
+    size_t size;
+    pico_pkt_desc *desc;
+    pico_group *groups;
+    uint8_t *rings;
+    uint32_t max_groups, ring_slots, slot_size, mtu, cap; /* cap: bytes a slot holds */
+    uint64_t ring_bytes;
+    sem_t *in_bell, *out_bell;
+    uint32_t pid;           /* our consumer_pid claim, 0 if none */
+    uint64_t generation;    /* of the group table when `order` was built */
+    int have_generation;
+    uint32_t *order;        /* table indexes of the active groups, ascending */
+    uint32_t n_order, rr;   /* round-robin cursor into order */
+    uint8_t *buf;           /* cap bytes: pico_packet.data of the last read */
+    uint8_t *orig;          /* cap bytes: the last read packet as it came */
+    uint32_t orig_len;
+    int orig_valid;
+    pico_pkt_meta last_meta; /* meta of the last read packet (to recognise it at write time) */
+};
+
+static inline pico_ring_header *pkt_ring(pico_pkt_io *io, uint32_t r)
+{
+    return (pico_ring_header *)(io->rings + (uint64_t)r * io->ring_bytes);
+}
+
+static inline uint8_t *pkt_slot(pico_pkt_io *io, pico_ring_header *rh, uint64_t counter)
+{
+    return (uint8_t *)rh + PICO_RING_HEADER_SIZE +
+           (counter & (uint64_t)(io->ring_slots - 1)) * io->slot_size;
+}
+
+/* A u64 counter of the group table's line 2 (written by us only): plain bump, atomic store so
+ * readers never see a torn word. */
+static inline void pkt_bump(uint64_t *field)
+{
+    __atomic_store_n(field, __atomic_load_n(field, __ATOMIC_RELAXED) + 1, __ATOMIC_RELEASE);
+}
+
+/* Live and not a zombie: /proc/<pid>/stat state (the field after the last ')') not Z or X. */
+static int pid_alive(long long pid)
+{
+    char path[64], buf[512];
+    if (pid <= 0)
+        return 0;
+    snprintf(path, sizeof path, "/proc/%lld/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')');
+    if (!p || p[1] != ' ')
+        return 1; /* unreadable format: assume alive (refusing is the safe side) */
+    return p[2] != 'Z' && p[2] != 'X';
+}
+
+static int check_pkt_geometry(pico_pkt_io *io)
+{
+    const pico_pkt_desc *d = io->desc;
+    const char *n = io->name;
+    uint64_t size = io->size;
+    if (d->max_groups == 0 || !is_pow2(d->ring_slots) || d->mtu == 0 ||
+        d->slot_size < PICO_PKT_META_SIZE + (uint64_t)d->mtu || d->slot_size % 8)
+        return fail(PICO_E_CORRUPT, "packet segment %s is corrupt: max_groups=%u, ring_slots=%u "
+                    "(a power of two), slot_size=%u, mtu=%u do not fit together (a slot is the "
+                    "%u-byte meta plus the mtu): recreate it (restart the PMM)", n,
+                    d->max_groups, d->ring_slots, d->slot_size, d->mtu, PICO_PKT_META_SIZE);
+    if (d->n_rings != 2ull * d->max_groups + 1 ||
+        d->ring_bytes != PICO_RING_HEADER_SIZE + (uint64_t)d->ring_slots * d->slot_size)
+        return fail(PICO_E_CORRUPT, "packet segment %s is corrupt: n_rings=%u (expected 2 x "
+                    "max_groups %u + 1), ring_bytes=%llu (expected %u + %u x %u): recreate it "
+                    "(restart the PMM)", n, d->n_rings, d->max_groups,
+                    (unsigned long long)d->ring_bytes, PICO_RING_HEADER_SIZE, d->ring_slots,
+                    d->slot_size);
+    if (d->groups_offset < PICO_GROUPS_OFFSET || d->groups_offset % 8 || d->rings_offset % 8 ||
+        d->groups_offset + (uint64_t)d->max_groups * sizeof(pico_group) > d->rings_offset ||
+        d->rings_offset > size || (size - d->rings_offset) / d->ring_bytes < d->n_rings)
+        return fail(PICO_E_CORRUPT, "packet segment %s is corrupt: offsets (groups %llu + %u x "
+                    "%zu, rings %llu + %u x %llu) do not fit in %llu bytes: recreate it (restart "
+                    "the PMM)", n, (unsigned long long)d->groups_offset, d->max_groups,
+                    sizeof(pico_group), (unsigned long long)d->rings_offset, d->n_rings,
+                    (unsigned long long)d->ring_bytes, (unsigned long long)size);
+    if (memchr(d->sem_prefix, '\0', PICO_SEM_PREFIX_LEN) == NULL || d->sem_prefix[0] != '/')
+        return fail(PICO_E_CORRUPT, "packet segment %s is corrupt: sem_prefix is not a "
+                    "NUL-terminated name starting with '/': recreate it (restart the PMM)", n);
+    return PICO_OK;
+}
+
+static void pkt_free(pico_pkt_io *io)
+{
+    if (!io)
+        return;
+    if (io->in_bell)
+        sem_close(io->in_bell);
+    if (io->out_bell)
+        sem_close(io->out_bell);
+    if (io->base)
+        munmap(io->base, io->size);
+    free(io->order);
+    free(io->buf);
+    free(io->orig);
+    free(io);
+}
+
+static int open_bell(pico_pkt_io *io, const char *suffix, sem_t **out)
+{
+    char sname[PICO_SEM_PREFIX_LEN + 8];
+    snprintf(sname, sizeof sname, "%s%s", io->sem_prefix, suffix);
+    sem_t *s = sem_open(sname, 0);
+    if (s == SEM_FAILED) {
+        int e = errno;
+        if (e == ENOENT)
+            return fail(PICO_E_MISSING, "attach %s: doorbell semaphore %s does not exist "
+                        "(/dev/shm/sem.%s): is the PMM running? restart the PMM of this "
+                        "replica", io->name, sname, sname + 1);
+        return fail(PICO_E_SYS, "attach %s: sem_open(%s): %s", io->name, sname, strerror(e));
+    }
+    *out = s;
+    return PICO_OK;
+}
+
+/* Re-scan the active groups when the table's generation changed (pico_abi.h, "Group table"). */
+static void pkt_refresh(pico_pkt_io *io)
+{
+    uint64_t gen = __atomic_load_n(&io->desc->groups_generation, __ATOMIC_ACQUIRE);
+    if (io->have_generation && gen == io->generation)
+        return;
+    io->generation = gen;
+    io->have_generation = 1;
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < io->max_groups; i++)
+        if (__atomic_load_n(&io->groups[i].state, __ATOMIC_ACQUIRE) == PICO_GROUP_ACTIVE)
+            io->order[n++] = i;
+    io->n_order = n;
+    io->rr = 0;
+}
+
+int pico_pkt_attach(const char *segment_name, int timeout_ms, pico_pkt_io **out)
+{
+    if (out)
+        *out = NULL;
+    if (!segment_name || !out)
+        return fail(PICO_E_INVAL, "pico_pkt_attach: segment_name and out must not be NULL");
+    if (segment_name[0] != '/' || strlen(segment_name) >= PICO_NAME_MAX)
+        return fail(PICO_E_INVAL, "pico_pkt_attach: segment name '%s' must start with '/' and "
+                    "be shorter than %d bytes, e.g. /pico.demo.r1.pkts", segment_name,
+                    PICO_NAME_MAX);
+    const char *n = segment_name;
+    pico_pkt_io *io = calloc(1, sizeof *io);
+    if (!io)
+        return fail(PICO_E_SYS, "attach %s: out of memory", n);
+    snprintf(io->name, sizeof io->name, "%s", n);
+    int rc = seg_open(n, timeout_ms, PICO_SEG_PACKETS, PICO_GROUPS_OFFSET, "PMM", "pkts",
+                      &io->base, &io->size);
+    if (rc != PICO_OK) {
+        pkt_free(io);
+        return rc;
+    }
+    io->desc = (pico_pkt_desc *)(io->base + PICO_PKT_DESC_OFFSET);
+    if ((rc = check_pkt_geometry(io)) != PICO_OK) {
+        pkt_free(io);
+        return rc;
+    }
+    pico_pkt_desc *d = io->desc;
+    io->groups = (pico_group *)(io->base + d->groups_offset);
+    io->rings = io->base + d->rings_offset;
+    io->max_groups = d->max_groups;
+    io->ring_slots = d->ring_slots;
+    io->slot_size = d->slot_size;
+    io->mtu = d->mtu;
+    io->cap = d->slot_size - PICO_PKT_META_SIZE;
+    io->ring_bytes = d->ring_bytes;
+    memcpy(io->sem_prefix, d->sem_prefix, PICO_SEM_PREFIX_LEN);
+    io->sem_prefix[PICO_SEM_PREFIX_LEN] = '\0';
+    io->order = calloc(io->max_groups, sizeof *io->order);
+    io->buf = malloc(io->cap);
+    io->orig = malloc(io->cap);
+    if (!io->order || !io->buf || !io->orig) {
+        pkt_free(io);
+        return fail(PICO_E_SYS, "attach %s: out of memory for %u groups and %u-byte buffers", n,
+                    io->max_groups, io->cap);
+    }
+    if ((rc = open_bell(io, ".in", &io->in_bell)) != PICO_OK ||
+        (rc = open_bell(io, ".out", &io->out_bell)) != PICO_OK) {
+        pkt_free(io);
+        return rc;
+    }
+
+    /* Claim the single-consumer role: compare-and-swap, so two attachers cannot both win. */
+    uint32_t me = (uint32_t)self_pid();
+    uint32_t cur = __atomic_load_n(&d->consumer_pid, __ATOMIC_ACQUIRE);
+    for (;;) {
+        if (cur != 0 && cur != me && pid_alive(cur)) {
+            pkt_free(io);
+            return fail(PICO_E_BUSY, "packet segment %s already has a middlebox (pid %u): input "
+                        "rings have a single consumer: stop it first", n, cur);
+        }
+        if (__atomic_compare_exchange_n(&d->consumer_pid, &cur, me, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            break; /* else cur was reloaded: judge the new holder */
+    }
+    io->pid = me;
+
+    /* Packets a previous middlebox took but never finished are abandoned (the PMM drops them
+     * when they time out): start the counts even so checkpoints are not blocked. */
+    pkt_refresh(io);
+    for (uint32_t k = 0; k < io->n_order; k++) {
+        pico_group *g = &io->groups[io->order[k]];
+        __atomic_store_n(&g->pkts_done, __atomic_load_n(&g->pkts_read, __ATOMIC_RELAXED),
+                         __ATOMIC_RELEASE);
+    }
+    *out = io;
+    return PICO_OK;
+}
+
+void pico_pkt_detach(pico_pkt_io *io)
+{
+    if (!io)
+        return;
+    if (io->pid && io->desc) {
+        uint32_t expect = io->pid;
+        __atomic_compare_exchange_n(&io->desc->consumer_pid, &expect, 0, 0, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_RELAXED);
+    }
+    pkt_free(io);
+}
+
+uint32_t pico_pkt_mtu(const pico_pkt_io *io) { return io ? io->mtu : 0; }
+
+/* Consume the oldest packet of ring r into pkt (io->buf); 1 if one was there, 0 if empty. */
+static int ring_pop(pico_pkt_io *io, uint32_t r, pico_packet *pkt)
+{
+    pico_ring_header *rh = pkt_ring(io, r);
+    uint64_t head = __atomic_load_n(&rh->head, __ATOMIC_RELAXED); /* ours */
+    uint64_t tail = __atomic_load_n(&rh->tail, __ATOMIC_ACQUIRE);
+    if (head == tail)
+        return 0;
+    const uint8_t *slot = pkt_slot(io, rh, head);
+    memcpy(&pkt->meta, slot, sizeof pkt->meta);
+    uint32_t len = pkt->meta.len <= io->cap ? pkt->meta.len : io->cap;
+    memcpy(io->buf, slot + PICO_PKT_META_SIZE, len);
+    __atomic_store_n(&rh->head, head + 1, __ATOMIC_RELEASE); /* publish last */
+    pkt->len = len;
+    pkt->data = io->buf;
+    return 1;
+}
+
+/* Append one record to ring r; 1 if queued, 0 if the ring was full (full_drops += 1). */
+static int ring_push(pico_pkt_io *io, uint32_t r, const pico_pkt_meta *m, const void *data)
+{
+    pico_ring_header *rh = pkt_ring(io, r);
+    uint64_t tail = __atomic_load_n(&rh->tail, __ATOMIC_RELAXED); /* ours */
+    uint64_t head = __atomic_load_n(&rh->head, __ATOMIC_ACQUIRE);
+    if (tail - head >= io->ring_slots) {
+        __atomic_store_n(&rh->full_drops, __atomic_load_n(&rh->full_drops, __ATOMIC_RELAXED) + 1,
+                         __ATOMIC_RELAXED);
+        return 0;
+    }
+    uint8_t *slot = pkt_slot(io, rh, tail);
+    if (m->len)
+        memcpy(slot + PICO_PKT_META_SIZE, data, m->len); /* bytes, then meta, then tail */
+    memcpy(slot, m, sizeof *m);
+    __atomic_store_n(&rh->tail, tail + 1, __ATOMIC_RELEASE); /* publish last */
+    return 1;
+}
+
+int pico_pkt_read(pico_pkt_io *io, pico_packet *pkt, int timeout_ms)
+{
+    if (!io || !pkt)
+        return fail(PICO_E_INVAL, "pico_pkt_read: io and pkt must not be NULL");
+    struct timespec dl = {0, 0};
+    if (timeout_ms > 0) {
+        clock_gettime(CLOCK_REALTIME, &dl);
+        dl.tv_sec += timeout_ms / 1000;
+        dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (dl.tv_nsec >= 1000000000L) {
+            dl.tv_sec++;
+            dl.tv_nsec -= 1000000000L;
+        }
+    }
+    for (;;) {
+        pkt_refresh(io);
+        uint32_t n = io->n_order;
+        for (uint32_t k = 0; k < n; k++) {
+            uint32_t i = io->order[(io->rr + k) % n];
+            pico_group *g = &io->groups[i];
+            if (__atomic_load_n(&g->suspended, __ATOMIC_ACQUIRE))
+                continue;
+            if (ring_pop(io, 2 * i, pkt)) {
+                io->rr = (io->rr + k + 1) % n;
+                pkt_bump(&g->pkts_read);
+                pkt->meta.group_index = i; /* the entry it was read from */
+                memcpy(io->orig, io->buf, pkt->len);
+                io->orig_len = pkt->len;
+                io->last_meta = pkt->meta;
+                io->orig_valid = 1;
+                return PICO_OK;
+            }
+        }
+        if (timeout_ms == 0)
+            return fail(PICO_E_TIMEOUT, "pico_pkt_read on %s: no packet queued (poll)", io->name);
+        /* Nothing readable: sleep on the input doorbell (the PMM posts it after queueing, the
+         * RM after resuming a group), then scan again. */
+        int r = timeout_ms < 0 ? sem_wait(io->in_bell) : sem_timedwait(io->in_bell, &dl);
+        if (r != 0) {
+            int e = errno;
+            if (e == EINTR)
+                continue;
+            if (e == ETIMEDOUT)
+                return fail(PICO_E_TIMEOUT, "pico_pkt_read on %s: no packet within %d ms",
+                            io->name, timeout_ms);
+            return fail(PICO_E_SYS, "pico_pkt_read on %s: waiting on the doorbell %s.in: %s",
+                        io->name, io->sem_prefix, strerror(e));
+        }
+    }
+}
+
+/* Checks a packet handed back to a write call; its group table entry (or fails). */
+static int pkt_check(pico_pkt_io *io, const pico_packet *pkt, const char *fn, const void *data,
+                     uint32_t len)
+{
+    if (!io || !pkt)
+        return fail(PICO_E_INVAL, "%s: io and pkt must not be NULL", fn);
+    if (pkt->meta.group_index >= io->max_groups)
+        return fail(PICO_E_INVAL, "%s on %s: packet %u has group_index %u, but the table has %u "
+                    "entries: pass a packet from pico_pkt_read", fn, io->name,
+                    pkt->meta.packet_id, pkt->meta.group_index, io->max_groups);
+    if (!strcmp(fn, "pico_pkt_drop"))
+        return PICO_OK; /* no bytes */
+    const void *bytes = data ? data : pkt->data;
+    uint32_t n = data ? len : pkt->len;
+    if (n > io->cap)
+        return fail(PICO_E_INVAL, "%s on %s: packet of %u bytes exceeds the ring's MTU %u", fn,
+                    io->name, n, io->cap);
+    if (n && !bytes)
+        return fail(PICO_E_INVAL, "%s on %s: %u bytes at NULL", fn, io->name, n);
+    return PICO_OK;
+}
+
+/* Do the bytes to write differ from the packet as it was read? The io keeps a copy of the last
+ * packet read, so bytes modified in place in pkt->data are seen as changed too. */
+static int pkt_modified(pico_pkt_io *io, const pico_packet *pkt, const void *data, uint32_t len)
+{
+    const void *bytes = data ? data : pkt->data;
+    uint32_t n = data ? len : pkt->len;
+    const void *orig;
+    uint32_t orig_len;
+    if (io->orig_valid && memcmp(&pkt->meta, &io->last_meta, sizeof pkt->meta) == 0) {
+        orig = io->orig;
+        orig_len = io->orig_len;
+    } else if (pkt->data != io->buf) { /* the caller's own buffer: its bytes are the input */
+        orig = pkt->data;
+        orig_len = pkt->len;
+    } else { /* an older packet: io->buf was reused since, the input is gone */
+        return data != NULL;
+    }
+    return n != orig_len || (n && memcmp(bytes, orig, n) != 0);
+}
+
+/* Finishing a read packet: bump `field`, and pkts_done unless it is one we made. */
+static void pkt_finish(pico_pkt_io *io, const pico_packet *pkt, uint64_t *field)
+{
+    pico_group *g = &io->groups[pkt->meta.group_index];
+    pkt_bump(field);
+    if (pkt->meta.packet_id || !(pkt->meta.flags & PICO_PKT_CREATED))
+        pkt_bump(&g->pkts_done);
+}
+
+static void out_meta(pico_pkt_meta *m, const pico_packet *pkt, uint32_t len, uint32_t flags,
+                     uint64_t epoch)
+{
+    memset(m, 0, sizeof *m);
+    m->len = len;
+    m->flags = flags;
+    m->packet_id = pkt->meta.packet_id;
+    m->group = pkt->meta.group;
+    m->flow_hash = pkt->meta.flow_hash;
+    m->epoch = epoch;
+    m->ts_ns = now_ns(CLOCK_MONOTONIC);
+    m->group_index = pkt->meta.group_index;
+    m->key = pkt->meta.key;
+}
+
+int pico_pkt_write(pico_pkt_io *io, const pico_packet *pkt, const void *data, uint32_t len)
+{
+    int rc = pkt_check(io, pkt, "pico_pkt_write", data, len);
+    if (rc)
+        return rc;
+    uint32_t i = pkt->meta.group_index;
+    pico_group *g = &io->groups[i];
+    uint32_t flags = pkt->meta.flags & ~(PICO_PKT_DIRECT | PICO_PKT_DROP | PICO_PKT_MODIFIED);
+    if (pkt_modified(io, pkt, data, len))
+        flags |= PICO_PKT_MODIFIED;
+    const void *bytes = data ? data : pkt->data;
+    uint32_t n = data ? len : pkt->len;
+    pico_pkt_meta m;
+    /* the tag: the group's epoch as it is now (output commit) */
+    out_meta(&m, pkt, n, flags, __atomic_load_n(&g->epoch, __ATOMIC_ACQUIRE));
+    int ok = ring_push(io, 2 * i + 1, &m, bytes);
+    sem_post(io->out_bell);
+    pkt_finish(io, pkt, ok ? &g->written : &g->output_full);
+    if (!ok)
+        return fail(PICO_E_FULL, "pico_pkt_write on %s: the output ring of group %u (entry %u) "
+                    "is full (%u slots): packet %u dropped; the PMM is not releasing output "
+                    "(commits late or not running?)", io->name, pkt->meta.group, i,
+                    io->ring_slots, pkt->meta.packet_id);
+    return PICO_OK;
+}
+
+int pico_pkt_write_direct(pico_pkt_io *io, const pico_packet *pkt, const void *data,
+                          uint32_t len)
+{
+    int rc = pkt_check(io, pkt, "pico_pkt_write_direct", data, len);
+    if (rc)
+        return rc;
+    pico_group *g = &io->groups[pkt->meta.group_index];
+    uint32_t flags = (pkt->meta.flags | PICO_PKT_DIRECT) & ~(PICO_PKT_DROP | PICO_PKT_MODIFIED);
+    if (pkt_modified(io, pkt, data, len))
+        flags |= PICO_PKT_MODIFIED;
+    const void *bytes = data ? data : pkt->data;
+    uint32_t n = data ? len : pkt->len;
+    pico_pkt_meta m;
+    out_meta(&m, pkt, n, flags, 0);
+    int ok = ring_push(io, 2 * io->max_groups, &m, bytes);
+    sem_post(io->out_bell);
+    pkt_finish(io, pkt, ok ? &g->written_direct : &g->output_full);
+    if (!ok)
+        return fail(PICO_E_FULL, "pico_pkt_write_direct on %s: the direct ring is full (%u "
+                    "slots): packet %u dropped; is the PMM running?", io->name, io->ring_slots,
+                    pkt->meta.packet_id);
+    return PICO_OK;
+}
+
+int pico_pkt_drop(pico_pkt_io *io, const pico_packet *pkt)
+{
+    int rc = pkt_check(io, pkt, "pico_pkt_drop", NULL, 0);
+    if (rc)
+        return rc;
+    pico_group *g = &io->groups[pkt->meta.group_index];
+    int ok = 1;
+    if (!(pkt->meta.flags & PICO_PKT_CREATED)) {
+        pico_pkt_meta m;
+        out_meta(&m, pkt, 0, pkt->meta.flags | PICO_PKT_DROP, 0);
+        ok = ring_push(io, 2 * io->max_groups, &m, NULL);
+        sem_post(io->out_bell);
+    }
+    pkt_finish(io, pkt, &g->dropped);
+    if (!ok)
+        return fail(PICO_E_FULL, "pico_pkt_drop on %s: the direct ring is full (%u slots): the "
+                    "drop of packet %u was not queued (the PMM drops it when it times out); is "
+                    "the PMM running?", io->name, io->ring_slots, pkt->meta.packet_id);
+    return PICO_OK;
+}
+
+int pico_pkt_create(pico_pkt_io *io, uint32_t group, const void *data, uint32_t len)
+{
+    if (!io)
+        return fail(PICO_E_INVAL, "pico_pkt_create: io must not be NULL");
+    if (len > io->cap)
+        return fail(PICO_E_INVAL, "pico_pkt_create on %s: packet of %u bytes exceeds the ring's "
+                    "MTU %u", io->name, len, io->cap);
+    if (len && !data)
+        return fail(PICO_E_INVAL, "pico_pkt_create on %s: %u bytes at NULL", io->name, len);
+    pkt_refresh(io);
+    uint32_t i = UINT32_MAX;
+    for (uint32_t k = 0; k < io->n_order; k++)
+        if (__atomic_load_n(&io->groups[io->order[k]].id, __ATOMIC_RELAXED) == group) {
+            i = io->order[k];
+            break;
+        }
+    if (i == UINT32_MAX) {
+        char known[256];
+        size_t off = 0;
+        known[0] = '\0';
+        for (uint32_t k = 0; k < io->n_order && off < sizeof known - 16; k++)
+            off += (size_t)snprintf(known + off, sizeof known - off, "%s%u", k ? ", " : "",
+                                    io->groups[io->order[k]].id);
+        return fail(PICO_E_INVAL, "pico_pkt_create: group %u does not exist in %s; known: [%s]",
+                    group, io->name, known);
+    }
+    pico_group *g = &io->groups[i];
+    pico_pkt_meta m;
+    memset(&m, 0, sizeof m);
+    m.len = len;
+    m.flags = PICO_PKT_CREATED;
+    m.packet_id = 0;
+    m.group = group;
+    m.epoch = __atomic_load_n(&g->epoch, __ATOMIC_ACQUIRE);
+    m.ts_ns = now_ns(CLOCK_MONOTONIC);
+    m.group_index = i;
+    int ok = ring_push(io, 2 * i + 1, &m, data);
+    sem_post(io->out_bell);
+    pkt_bump(ok ? &g->created : &g->output_full);
+    if (!ok)
+        return fail(PICO_E_FULL, "pico_pkt_create on %s: the output ring of group %u (entry %u) "
+                    "is full (%u slots): packet dropped; the PMM is not releasing output "
+                    "(commits late or not running?)", io->name, group, i, io->ring_slots);
     return PICO_OK;
 }

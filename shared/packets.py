@@ -204,6 +204,8 @@ class PacketClient:
                 self._in_bell.acquire(wait)
             except posix_ipc.BusyError:
                 return None
+            except posix_ipc.SignalError:
+                return None  # like EINTR: let the caller look at whatever the signal changed
 
     # ------------------------------------------------------------------ writing
     def _index(self, group: int) -> int:
