@@ -75,7 +75,7 @@ class Ingress:
         self.flow_group = flow_group  # key, hash -> group of an existing flow, or None
         self.index = GroupIndex(seg)
         self.cache: dict[bytes, int] = {}
-        self.mtu = seg.g.slot_size - abi.PKT_META_SIZE
+        self.mtu = seg.g.mtu  # the configured MTU (a slot may hold a little more)
         self.counts = CounterWords(seg.segment.buf, abi.PKT_COUNTERS_OFFSET, abi.PKT_COUNTERS)
 
     def on_packet(self, packet_id: int, payload: bytes) -> int:

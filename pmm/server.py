@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import threading
@@ -31,6 +32,7 @@ from .core import ACCEPT, DROP, QUEUED, SEND, Ingress, Releaser
 from .store import PacketStore
 
 SWEEP_INTERVAL_S = 0.05
+STOP_POLL_S = 0.2
 
 
 class RawSender:
@@ -75,6 +77,8 @@ class PmmServer:
         self.pending: dict[int, tuple[object, float]] = {}
         self.pending_timeout = config.packets.pending_timeout_ms / 1000.0
         self._stop = threading.Event()
+        self.crashed = False
+        self._missing: set[int] = set()
         self._audit = open(audit_path, "a", buffering=1) if audit_path else None
         self._release_thread = threading.Thread(target=self._release_loop, name="release",
                                                 daemon=True)
@@ -118,7 +122,8 @@ class PmmServer:
                     next_sweep = now + SWEEP_INTERVAL_S
         except BaseException:
             self.log.exception("release thread crashed: stopping the PMM")
-            os.kill(os.getpid(), signal.SIGTERM)
+            self.crashed = True
+            self._stop.set()
 
     def _release(self) -> None:
         while True:
@@ -158,9 +163,21 @@ class PmmServer:
             c["output_errors"] = int(c["output_errors"]) + bad
 
     def _sweep(self, now: float) -> None:
-        """Drop packets the middlebox never wrote in time; heartbeat; publish counters."""
+        """Drop packets the middlebox took but never finished; heartbeat; publish counters.
+
+        A packet past the timeout is lost only if it is in no ring: still queued for a
+        (maybe suspended) group, or written and held for output commit, it is waiting, not lost.
+        """
         stale = [pid for pid, (_, t) in list(self.pending.items())
                  if now - t > self.pending_timeout]
+        if stale:
+            queued = self._ids_in_rings()
+            # A packet the middlebox is moving from input to output is in no ring for an
+            # instant: only one missing from the rings at two sweeps in a row is lost.
+            missing = {pid for pid in stale if pid not in queued}
+            stale, self._missing = list(missing & self._missing), missing
+        else:
+            self._missing = set()
         for pid in stale:
             entry = self.pending.pop(pid, None)
             if entry is not None:
@@ -180,6 +197,13 @@ class PmmServer:
             self.seg.desc["consumer_pid"] = 0
             self.log.warning(f"middlebox pid {consumer} is gone; waiting for the next one")
 
+    def _ids_in_rings(self) -> set[int]:
+        """NFQUEUE ids of every packet sitting in an input, output or direct ring."""
+        ids: set[int] = set()
+        for ring in self.seg.rings:
+            ids.update(m.packet_id for m in ring.metas())
+        return ids
+
     # ---------------------------------------------------------------- lifecycle
     def serve(self) -> None:
         from netfilterqueue import NetfilterQueue
@@ -193,10 +217,14 @@ class PmmServer:
         self.log.info(f"bound NFQUEUE {queue}; packet segment {self.store.name} ready "
                       f"({self.seg.g.max_groups} groups x {self.seg.g.ring_slots} slots)")
         self._release_thread.start()
+        fd = nfq.get_fd()
         try:
-            nfq.run()
-        except _Stop:
-            pass
+            # Our own loop around a non-blocking run(): NetfilterQueue's blocking run() ignores
+            # exceptions raised by signal handlers, so SIGTERM could not stop it.
+            while not self._stop.is_set():
+                ready, _, _ = select.select([fd], [], [], STOP_POLL_S)
+                if ready:
+                    nfq.run(block=False)
         finally:
             self._stop.set()
             nfq.unbind()
@@ -219,10 +247,6 @@ class PmmServer:
         self.log.info("stopped; packet segment removed")
 
 
-class _Stop(Exception):
-    pass
-
-
 def _alive(pid: int) -> bool:
     from shared.segment import process_alive
     return process_alive(pid)
@@ -232,7 +256,7 @@ def run(config, replica: str, audit_path: str | None = None) -> int:
     server = PmmServer(config, replica, audit_path)
 
     def stop(*_):
-        raise _Stop()  # raised in the main thread, inside NetfilterQueue's recv loop
+        server._stop.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -240,4 +264,4 @@ def run(config, replica: str, audit_path: str | None = None) -> int:
         server.serve()
     finally:
         server.close()
-    return 0
+    return 1 if server.crashed else 0

@@ -1,9 +1,12 @@
 /*
- * libpico.c - the C binding of the Pico flow table. pico_abi.h is the specification of every
- * byte touched here; shared/flowtable.py is the Python binding of the same protocol.
+ * libpico.c - the C binding of the Pico flow table and packet rings. pico_abi.h is the
+ * specification of every byte touched here; shared/flowtable.py and shared/packets.py are the
+ * Python bindings of the same protocols.
  *
  * Memory ordering: x86-64 TSO (see pico_abi.h). Publish points use __atomic release stores and
- * the ready word an acquire load, which also keeps the compiler from reordering around them.
+ * the ready word an acquire load, which also keeps the compiler from reordering around them;
+ * ring counters are read with acquire loads (the other side's) and published with release
+ * stores (ours).
  */
 #include "pico.h"
 
@@ -1177,6 +1180,7 @@ int pico_pkt_read(pico_pkt_io *io, pico_packet *pkt, int timeout_ms)
             dl.tv_nsec -= 1000000000L;
         }
     }
+    int absorbed = 0;
     for (;;) {
         pkt_refresh(io);
         uint32_t n = io->n_order;
@@ -1198,8 +1202,19 @@ int pico_pkt_read(pico_pkt_io *io, pico_packet *pkt, int timeout_ms)
         }
         if (timeout_ms == 0)
             return fail(PICO_E_TIMEOUT, "pico_pkt_read on %s: no packet queued (poll)", io->name);
-        /* Nothing readable: sleep on the input doorbell (the PMM posts it after queueing, the
-         * RM after resuming a group), then scan again. */
+        /* Nothing readable. Posts made while we were busy stand for packets (or resumes) that a
+         * scan after them sees: absorb them and scan once more, so they cause neither a string
+         * of empty wake-ups nor an ever-growing count. Then sleep on the input doorbell (the
+         * PMM posts it after queueing, the RM after resuming a group). */
+        if (!absorbed) {
+            absorbed = 1;
+            int drained = 0;
+            while (sem_trywait(io->in_bell) == 0)
+                drained = 1;
+            if (drained)
+                continue;
+        }
+        absorbed = 0;
         int r = timeout_ms < 0 ? sem_wait(io->in_bell) : sem_timedwait(io->in_bell, &dl);
         if (r != 0) {
             int e = errno;
@@ -1296,6 +1311,10 @@ int pico_pkt_write(pico_pkt_io *io, const pico_packet *pkt, const void *data, ui
     /* the tag: the group's epoch as it is now (output commit) */
     out_meta(&m, pkt, n, flags, __atomic_load_n(&g->epoch, __ATOMIC_ACQUIRE));
     int ok = ring_push(io, 2 * i + 1, &m, bytes);
+    if (!ok && pkt->meta.packet_id) { /* dropped: ask for the drop verdict now, not at timeout */
+        out_meta(&m, pkt, 0, pkt->meta.flags | PICO_PKT_DROP, 0);
+        ring_push(io, 2 * io->max_groups, &m, NULL);
+    }
     sem_post(io->out_bell);
     pkt_finish(io, pkt, ok ? &g->written : &g->output_full);
     if (!ok)

@@ -234,6 +234,9 @@ class PacketClient:
             data = pkt.data
         ok = self._emit(self.seg.output_ring(i), pkt, data, flags,
                         int(self.seg.groups[i]["epoch"]))
+        if not ok and pkt.packet_id:  # dropped: ask for its drop verdict now, not at timeout
+            self.seg.direct_ring.push(b"", pkt.packet_id, pkt.flags | abi.PKT_DROP, pkt.group,
+                                      pkt.flow_hash, 0, i, pkt.key)
         self._finish(i, "written" if ok else "output_full", pkt)
         return ok
 

@@ -20,7 +20,8 @@
  * Every function returns PICO_OK (0) or a negative PICO_E_* code; on failure, pico_last_error()
  * gives a thread-local message saying what failed, where, and what to do about it.
  *
- * The packet API (pico_pkt_*, below) moves packets between the PMM and the middlebox.
+ * The packet API (pico_pkt_*, below) moves packets between the PMM and the middlebox: see its
+ * own introduction further down.
  *
  * Thread safety: a pico_ctx may be shared by the threads of one process (each stripe is a
  * process-shared semaphore). Each flow must have a single writer between get_flow and put_flow.

@@ -1,5 +1,5 @@
 /*
- * pico_abi.h - the Pico shared-memory ABI, version 1.0.
+ * pico_abi.h - the Pico shared-memory ABI, version 1.1 (1.0 plus the packet segment).
  *
  * This header is THE layout specification. The Python binding (shared/abi.py) mirrors every
  * struct below as a numpy dtype with explicit offsets, and tests/test_abi_offsets.py compiles a

@@ -85,6 +85,18 @@ class Ring:
         m = META.unpack_from(buf, self._first + (head & self._mask) * self.slot_size)
         return Meta(*m[:8], m[9])
 
+    def metas(self) -> list[Meta]:
+        """The metas of every queued packet, oldest first (a consistent view is not promised:
+        the producer may add and the consumer take while we read)."""
+        buf, off = self._buf, self._off
+        head = _unpack64(buf, off + _HEAD)[0]
+        tail = _unpack64(buf, off + _TAIL)[0]
+        out = []
+        for c in range(head, min(tail, head + self.slots)):
+            m = META.unpack_from(buf, self._first + (c & self._mask) * self.slot_size)
+            out.append(Meta(*m[:8], m[9]))
+        return out
+
     def pop(self) -> tuple[Meta, bytes] | None:
         """Copy the oldest packet out and consume it (None if empty)."""
         buf, off = self._buf, self._off

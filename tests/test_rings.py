@@ -118,3 +118,11 @@ def test_two_processes_stream_in_order_with_no_loss():
         del r
     finally:
         posix_ipc.unlink_shared_memory(name)
+
+
+def test_metas_lists_queued_packets_in_order():
+    r = ring(slots=4)
+    for i in range(1, 4):
+        push(r, i)
+    r.pop()
+    assert [m.packet_id for m in r.metas()] == [2, 3] and len(r) == 2
