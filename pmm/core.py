@@ -20,7 +20,7 @@ from .parse import parse
 QUEUED, DROP_FULL, DROP_OVERSIZE = 0, 1, 2
 ACCEPT, DROP, SEND = "accept", "drop", "send"
 FLOW_CACHE_MAX = 1 << 16
-_U64 = struct.Struct("<Q")
+from shared.words import U64 as _U64
 
 
 class Verdict(NamedTuple):

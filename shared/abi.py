@@ -164,7 +164,8 @@ PKT_DESC = _struct([
     ("consumer_pid", "<u4", 44),
     ("groups_generation", "<u8", 48),
     ("sem_prefix", f"S{SEM_PREFIX_LEN}", 56),
-    ("reserved", ("<u8", 1), 104),
+    ("in_waiting", "<u4", 104),
+    ("out_waiting", "<u4", 108),
     ("reserved2", ("<u8", 2), 112),
 ], 128)
 

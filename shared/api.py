@@ -21,7 +21,7 @@ from .flowtable import FlowTable, Geometry
 from .locks import StripeLocks
 from .segment import Segment, attach_segment, proc_start_time, process_alive
 
-_I64 = struct.Struct("<q")
+from .words import I64 as _I64
 
 
 def flow_segment_name(shm_prefix: str, cluster: str, replica: str) -> str:

@@ -19,10 +19,7 @@ from . import abi
 from .errors import FlowIsStandby, NoTransaction, TableFull
 from .flowkey import KEY_SIZE, describe, hash_key
 
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_I32 = struct.Struct("<i")
+from .words import I32 as _I32, U16 as _U16, U32 as _U32, U64 as _U64
 
 _F = {name: off for name, (_, off) in abi.SLOT_HEADER_DTYPE.fields.items()}
 _OFF_STATUS, _OFF_OWNER, _OFF_GROUP = _F["status"], _F["owner"], _F["group"]

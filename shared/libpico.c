@@ -1166,6 +1166,38 @@ static int ring_push(pico_pkt_io *io, uint32_t r, const pico_pkt_meta *m, const 
     return 1;
 }
 
+/* One round-robin pass over the active, non-suspended groups; 1 if a packet was read. */
+static int pkt_try_read(pico_pkt_io *io, pico_packet *pkt)
+{
+    pkt_refresh(io);
+    uint32_t n = io->n_order;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t i = io->order[(io->rr + k) % n];
+        pico_group *g = &io->groups[i];
+        if (__atomic_load_n(&g->suspended, __ATOMIC_ACQUIRE))
+            continue;
+        if (ring_pop(io, 2 * i, pkt)) {
+            io->rr = (io->rr + k + 1) % n;
+            pkt_bump(&g->pkts_read);
+            pkt->meta.group_index = i; /* the entry it was read from */
+            memcpy(io->orig, io->buf, pkt->len);
+            io->orig_len = pkt->len;
+            io->last_meta = pkt->meta;
+            io->orig_valid = 1;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Ring a doorbell for a sleeper only (pico_abi.h, "Doorbells"): publish, fence, look. */
+static void pkt_ring_bell(sem_t *bell, uint32_t *waiting)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(waiting, __ATOMIC_RELAXED))
+        sem_post(bell);
+}
+
 int pico_pkt_read(pico_pkt_io *io, pico_packet *pkt, int timeout_ms)
 {
     if (!io || !pkt)
@@ -1180,44 +1212,23 @@ int pico_pkt_read(pico_pkt_io *io, pico_packet *pkt, int timeout_ms)
             dl.tv_nsec -= 1000000000L;
         }
     }
-    int absorbed = 0;
+    uint32_t *waiting = &io->desc->in_waiting;
     for (;;) {
-        pkt_refresh(io);
-        uint32_t n = io->n_order;
-        for (uint32_t k = 0; k < n; k++) {
-            uint32_t i = io->order[(io->rr + k) % n];
-            pico_group *g = &io->groups[i];
-            if (__atomic_load_n(&g->suspended, __ATOMIC_ACQUIRE))
-                continue;
-            if (ring_pop(io, 2 * i, pkt)) {
-                io->rr = (io->rr + k + 1) % n;
-                pkt_bump(&g->pkts_read);
-                pkt->meta.group_index = i; /* the entry it was read from */
-                memcpy(io->orig, io->buf, pkt->len);
-                io->orig_len = pkt->len;
-                io->last_meta = pkt->meta;
-                io->orig_valid = 1;
-                return PICO_OK;
-            }
-        }
+        if (pkt_try_read(io, pkt))
+            return PICO_OK;
         if (timeout_ms == 0)
             return fail(PICO_E_TIMEOUT, "pico_pkt_read on %s: no packet queued (poll)", io->name);
-        /* Nothing readable. Posts made while we were busy stand for packets (or resumes) that a
-         * scan after them sees: absorb them and scan once more, so they cause neither a string
-         * of empty wake-ups nor an ever-growing count. Then sleep on the input doorbell (the
-         * PMM posts it after queueing, the RM after resuming a group). */
-        if (!absorbed) {
-            absorbed = 1;
-            int drained = 0;
-            while (sem_trywait(io->in_bell) == 0)
-                drained = 1;
-            if (drained)
-                continue;
+        /* About to sleep: say so, then look once more (the PMM may have queued a packet before
+         * it could see the word), and only then wait on the input doorbell. */
+        __atomic_store_n(waiting, 1, __ATOMIC_SEQ_CST);
+        if (pkt_try_read(io, pkt)) {
+            __atomic_store_n(waiting, 0, __ATOMIC_RELEASE);
+            return PICO_OK;
         }
-        absorbed = 0;
         int r = timeout_ms < 0 ? sem_wait(io->in_bell) : sem_timedwait(io->in_bell, &dl);
+        int e = errno;
+        __atomic_store_n(waiting, 0, __ATOMIC_RELEASE);
         if (r != 0) {
-            int e = errno;
             if (e == EINTR)
                 continue;
             if (e == ETIMEDOUT)
@@ -1315,7 +1326,7 @@ int pico_pkt_write(pico_pkt_io *io, const pico_packet *pkt, const void *data, ui
         out_meta(&m, pkt, 0, pkt->meta.flags | PICO_PKT_DROP, 0);
         ring_push(io, 2 * io->max_groups, &m, NULL);
     }
-    sem_post(io->out_bell);
+    pkt_ring_bell(io->out_bell, &io->desc->out_waiting);
     pkt_finish(io, pkt, ok ? &g->written : &g->output_full);
     if (!ok)
         return fail(PICO_E_FULL, "pico_pkt_write on %s: the output ring of group %u (entry %u) "
@@ -1340,7 +1351,7 @@ int pico_pkt_write_direct(pico_pkt_io *io, const pico_packet *pkt, const void *d
     pico_pkt_meta m;
     out_meta(&m, pkt, n, flags, 0);
     int ok = ring_push(io, 2 * io->max_groups, &m, bytes);
-    sem_post(io->out_bell);
+    pkt_ring_bell(io->out_bell, &io->desc->out_waiting);
     pkt_finish(io, pkt, ok ? &g->written_direct : &g->output_full);
     if (!ok)
         return fail(PICO_E_FULL, "pico_pkt_write_direct on %s: the direct ring is full (%u "
@@ -1360,7 +1371,7 @@ int pico_pkt_drop(pico_pkt_io *io, const pico_packet *pkt)
         pico_pkt_meta m;
         out_meta(&m, pkt, 0, pkt->meta.flags | PICO_PKT_DROP, 0);
         ok = ring_push(io, 2 * io->max_groups, &m, NULL);
-        sem_post(io->out_bell);
+        pkt_ring_bell(io->out_bell, &io->desc->out_waiting);
     }
     pkt_finish(io, pkt, &g->dropped);
     if (!ok)
@@ -1407,7 +1418,7 @@ int pico_pkt_create(pico_pkt_io *io, uint32_t group, const void *data, uint32_t 
     m.ts_ns = now_ns(CLOCK_MONOTONIC);
     m.group_index = i;
     int ok = ring_push(io, 2 * i + 1, &m, data);
-    sem_post(io->out_bell);
+    pkt_ring_bell(io->out_bell, &io->desc->out_waiting);
     pkt_bump(ok ? &g->created : &g->output_full);
     if (!ok)
         return fail(PICO_E_FULL, "pico_pkt_create on %s: the output ring of group %u (entry %u) "

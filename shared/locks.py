@@ -14,8 +14,7 @@ import posix_ipc
 
 from .errors import FlowLockTimeout
 
-_I64 = struct.Struct("<q")
-_U64 = struct.Struct("<Q")
+from .words import I64 as _I64, U64 as _U64
 STRIPE_SIZE = 64
 _pack_i64, _pack_u64, _unpack_u64 = _I64.pack_into, _U64.pack_into, _U64.unpack_from
 

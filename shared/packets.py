@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 
@@ -27,7 +28,57 @@ from .errors import AttachError, PicoError
 from .rings import Ring
 from .segment import Segment, attach_segment, process_alive
 
-_U64 = struct.Struct("<Q")
+from .words import U32 as _U32, U64 as _U64
+_FENCE = threading.Lock()
+IN_WAITING = abi.PKT_DESC_OFFSET + abi.PKT_DESC.fields["in_waiting"][1]
+OUT_WAITING = abi.PKT_DESC_OFFSET + abi.PKT_DESC.fields["out_waiting"][1]
+
+
+def fence() -> None:
+    """A full memory barrier: an uncontended lock is a locked (fencing) instruction on x86."""
+    _FENCE.acquire()
+    _FENCE.release()
+
+
+class Doorbell:
+    """A semaphore rung only for a sleeper (pico_abi.h, "Doorbells"): the waiting word says
+    whether the consumer sleeps, so a busy path costs no system call."""
+
+    def __init__(self, sem: posix_ipc.Semaphore, buf, flag_offset: int):
+        self.sem = sem
+        self._buf = buf
+        self._flag = flag_offset
+
+    # producer
+    def ring(self) -> None:
+        fence()
+        if _U32.unpack_from(self._buf, self._flag)[0]:
+            self.sem.release()
+
+    def ring_always(self) -> None:
+        self.sem.release()
+
+    # consumer
+    def prepare(self) -> None:
+        """Say we are about to sleep; the caller then scans once more before wait()."""
+        _U32.pack_into(self._buf, self._flag, 1)
+        fence()
+
+    def cancel(self) -> None:
+        _U32.pack_into(self._buf, self._flag, 0)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Sleep until rung or timeout (False); clears the waiting word either way."""
+        try:
+            self.sem.acquire(timeout)
+            return True
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            return False
+        finally:
+            _U32.pack_into(self._buf, self._flag, 0)
+
+    def close(self) -> None:
+        self.sem.close()
 
 
 def pkt_segment_name(shm_prefix: str, cluster: str, replica: str) -> str:
@@ -148,8 +199,9 @@ class PacketClient:
         desc["consumer_pid"] = os.getpid()
         in_name, out_name = doorbell_names(self.seg.sem_prefix)
         try:
-            self._in_bell = posix_ipc.Semaphore(in_name)
-            self._out_bell = posix_ipc.Semaphore(out_name)
+            buf = seg.buf
+            self._in_bell = Doorbell(posix_ipc.Semaphore(in_name), buf, IN_WAITING)
+            self._out_bell = Doorbell(posix_ipc.Semaphore(out_name), buf, OUT_WAITING)
         except posix_ipc.ExistentialError:
             desc["consumer_pid"] = 0
             self.seg.release_views()
@@ -178,34 +230,42 @@ class PacketClient:
         row[field] = int(row[field]) + 1
 
     # ------------------------------------------------------------------ reading
+    def _try_read(self) -> Packet | None:
+        self._refresh()
+        groups = self.seg.groups
+        order, n = self._order, len(self._order)
+        for k in range(n):
+            i = order[(self._rr + k) % n]
+            if groups[i]["suspended"]:
+                continue
+            got = self.seg.input_ring(i).pop()
+            if got is not None:
+                self._rr = (self._rr + k + 1) % n
+                self._count(i, "pkts_read")
+                m, data = got
+                return Packet(data, m.packet_id, m.flags, m.group, i, m.flow_hash, m.key,
+                              m.ts_ns)
+        return None
+
     def pkt_read(self, timeout: float | None = None) -> Packet | None:
         """The next packet of a group that is not suspended, round robin over groups so no
-        group starves another; blocks (no spinning) up to `timeout` s (None: forever)."""
+        group starves another; blocks (no spinning) up to `timeout` s (None: forever). A signal
+        ends the wait early (None), like EINTR, so the caller can look at its flags."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            self._refresh()
-            groups = self.seg.groups
-            order, n = self._order, len(self._order)
-            for k in range(n):
-                i = order[(self._rr + k) % n]
-                if groups[i]["suspended"]:
-                    continue
-                got = self.seg.input_ring(i).pop()
-                if got is not None:
-                    self._rr = (self._rr + k + 1) % n
-                    self._count(i, "pkts_read")
-                    m, data = got
-                    return Packet(data, m.packet_id, m.flags, m.group, i, m.flow_hash, m.key,
-                                  m.ts_ns)
+            pkt = self._try_read()
+            if pkt is not None:
+                return pkt
             wait = None if deadline is None else deadline - time.monotonic()
             if wait is not None and wait <= 0:
                 return None
-            try:
-                self._in_bell.acquire(wait)
-            except posix_ipc.BusyError:
+            self._in_bell.prepare()
+            pkt = self._try_read()  # a packet queued before the PMM saw our waiting word
+            if pkt is not None:
+                self._in_bell.cancel()
+                return pkt
+            if not self._in_bell.wait(wait):
                 return None
-            except posix_ipc.SignalError:
-                return None  # like EINTR: let the caller look at whatever the signal changed
 
     # ------------------------------------------------------------------ writing
     def _index(self, group: int) -> int:
@@ -219,7 +279,7 @@ class PacketClient:
     def _emit(self, ring: Ring, pkt: Packet, data, flags: int, epoch: int) -> bool:
         ok = ring.push(data, pkt.packet_id, flags, pkt.group, pkt.flow_hash, epoch,
                        pkt.group_index, pkt.key)
-        self._out_bell.release()
+        self._out_bell.ring()
         return ok
 
     def pkt_write(self, pkt: Packet, data: bytes | None = None) -> bool:

@@ -161,6 +161,13 @@
  * (every packet read before the suspension is finished) and refcount 0 on the group's flows, so
  * every output tagged e depends only on state in checkpoint e.
  *
+ * Doorbells are rung only for a sleeper, so a busy path makes no system calls: a consumer
+ * about to sleep sets its waiting word (in_waiting / out_waiting), issues a full fence, scans
+ * its rings once more, and only then waits on the semaphore, clearing the word when it wakes; a
+ * producer publishes its packet, issues a full fence, and posts the doorbell only if the
+ * waiting word is set. (Either the producer sees the word, or the consumer's rescan sees the
+ * packet.) The RM posts unconditionally when it resumes a group or advances a commit.
+ *
  * Packet metadata flags (pico_pkt_meta.flags):
  *   PICO_PKT_NEW       the PMM had not seen the flow before (classified by policy)
  *   PICO_PKT_MODIFIED  output: the bytes differ from the input (PMM recomputes checksums)
@@ -341,7 +348,10 @@ typedef struct pico_pkt_desc {
                                 *     0 if none; written by it, cleared by the PMM at its death */
     uint64_t groups_generation;/* 176 bumped by the group table's writer after a change */
     char sem_prefix[PICO_SEM_PREFIX_LEN]; /* 184 doorbells are <sem_prefix>.in / .out */
-    uint64_t reserved[1];      /* 232 */
+    uint32_t in_waiting;       /* 232 1 while the middlebox sleeps (or is about to) on .in:
+                                *     written by the middlebox, read by the PMM */
+    uint32_t out_waiting;      /* 236 1 while the PMM sleeps (or is about to) on .out:
+                                *     written by the PMM, read by the middlebox */
     uint64_t reserved2[2];     /* 240 */
 } pico_pkt_desc;
 

@@ -13,9 +13,9 @@ from typing import NamedTuple
 from . import abi
 
 # pico_pkt_meta: len flags packet_id group flow_hash epoch ts_ns group_index rsvd key[40] rsvd[40]
-META = struct.Struct("<IIIIQQQII40s40x")
+META = struct.Struct("IIIIQQQII40s40x")  # native: see shared/words.py
 assert META.size == abi.PKT_META_SIZE
-_U64 = struct.Struct("<Q")
+from .words import U64 as _U64
 _TAIL, _DROPS, _HEAD = 0, 8, 64
 _pack64, _unpack64 = _U64.pack_into, _U64.unpack_from
 

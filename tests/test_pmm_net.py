@@ -227,3 +227,16 @@ def test_a_killed_middlebox_leaves_the_pmm_up_and_the_next_one_works(net):
         time.sleep(0.05)
     row = rep.seg.groups[rep.seg.active_groups()[FREE]]
     assert int(row["pkts_done"]) == int(row["pkts_read"])  # consistent for the RM
+
+
+def test_a_packet_the_middlebox_makes_leaves_through_the_raw_socket(net):
+    import pktbuild
+    bed, rep = net
+    _, lines = udp_sink(bed, 7003)
+    made = pktbuild.ipv4(bed.client_ip, bed.server_ip, 17, 4444, 7003, b"made here")
+    tool = REPO / "tests" / "c" / "build" / "pkttool"
+    r = subprocess.run([str(tool), rep.pkts, "create", "0", made.hex()], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert lines.expect("made here") == "made here"
+    assert rep.counters()["raw_sent"] == 1

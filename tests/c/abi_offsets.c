@@ -75,7 +75,8 @@ static void begin(const char *name, size_t size)
 #define PKT_DESC_FIELDS(T, F)                                                   \
     F(T, max_groups) F(T, ring_slots) F(T, slot_size) F(T, mtu) F(T, groups_offset) \
     F(T, rings_offset) F(T, ring_bytes) F(T, n_rings) F(T, consumer_pid)           \
-    F(T, groups_generation) F(T, sem_prefix) F(T, reserved) F(T, reserved2)
+    F(T, groups_generation) F(T, sem_prefix) F(T, in_waiting) F(T, out_waiting)   \
+    F(T, reserved2)
 
 #define PKT_COUNTERS_FIELDS(T, F)                                               \
     F(T, rx_packets) F(T, rx_bytes) F(T, malformed) F(T, default_group)         \
