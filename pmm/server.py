@@ -70,7 +70,11 @@ class PmmServer:
         self.seg = self.store.seg
         # The flow table tells which group an existing flow (e.g. one activated at failover)
         # belongs to; the SMM must be up first.
-        self.flows = attach_replica(config, replica, timeout=10.0, name="pico-pmm")
+        try:
+            self.flows = attach_replica(config, replica, timeout=10.0, name="pico-pmm")
+        except BaseException:
+            self.store.close(unlink=True)  # leave nothing behind for a failed start
+            raise
         self.ingress = Ingress(self.seg, Classifier(config), self._flow_group)
         self.releaser = Releaser(self.seg)
         self.raw = RawSender()
@@ -95,18 +99,17 @@ class PmmServer:
         return None
 
     def _on_packet(self, pkt) -> None:
+        pid = pkt.id
+        # Pending first: once queued, the packet may come back for its verdict at once.
+        self.pending[pid] = (pkt, time.monotonic())
         try:
-            payload = pkt.get_payload()
-            pid = pkt.id
-            result = self.ingress.on_packet(pid, payload)
+            result = self.ingress.on_packet(pid, pkt.get_payload())
         except Exception:  # never let one packet take the queue down: drop it and go on
             self.log.exception("failed to queue a packet; dropped")
-            pkt.drop()
-            return
+            result = None
         if result == QUEUED:
-            self.pending[pid] = (pkt, time.monotonic())
             self.in_bell.ring()
-        else:
+        elif self.pending.pop(pid, None) is not None:
             pkt.drop()
 
     # ---------------------------------------------------------------- release (thread)

@@ -1176,9 +1176,21 @@ static int pkt_try_read(pico_pkt_io *io, pico_packet *pkt)
         pico_group *g = &io->groups[i];
         if (__atomic_load_n(&g->suspended, __ATOMIC_ACQUIRE))
             continue;
+        pico_ring_header *rh = pkt_ring(io, 2 * i);
+        if (__atomic_load_n(&rh->head, __ATOMIC_RELAXED) ==
+            __atomic_load_n(&rh->tail, __ATOMIC_ACQUIRE))
+            continue;
+        /* Count the read before taking the packet, then look at `suspended` again: the RM
+         * sets suspended, fences, then compares pkts_read with pkts_done, so either it sees
+         * this read (and waits for it) or we see the suspension (and back off). */
+        pkt_bump(&g->pkts_read);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&g->suspended, __ATOMIC_ACQUIRE)) {
+            pkt_bump(&g->pkts_done); /* the read that did not happen */
+            continue;
+        }
         if (ring_pop(io, 2 * i, pkt)) {
             io->rr = (io->rr + k + 1) % n;
-            pkt_bump(&g->pkts_read);
             pkt->meta.group_index = i; /* the entry it was read from */
             memcpy(io->orig, io->buf, pkt->len);
             io->orig_len = pkt->len;

@@ -238,10 +238,20 @@ class PacketClient:
             i = order[(self._rr + k) % n]
             if groups[i]["suspended"]:
                 continue
-            got = self.seg.input_ring(i).pop()
+            ring = self.seg.input_ring(i)
+            if not len(ring):
+                continue
+            # Count the read before taking the packet, then look at `suspended` again: the RM
+            # sets suspended, fences, then compares pkts_read with pkts_done, so either it sees
+            # this read (and waits for it) or we see the suspension (pico_abi.h, output commit).
+            self._count(i, "pkts_read")
+            fence()
+            if groups[i]["suspended"]:
+                self._count(i, "pkts_done")  # the read that did not happen
+                continue
+            got = ring.pop()
             if got is not None:
                 self._rr = (self._rr + k + 1) % n
-                self._count(i, "pkts_read")
                 m, data = got
                 return Packet(data, m.packet_id, m.flags, m.group, i, m.flow_hash, m.key,
                               m.ts_ns)
@@ -282,10 +292,19 @@ class PacketClient:
         self._out_bell.ring()
         return ok
 
+    def _check_size(self, pkt: Packet, data) -> None:
+        """An oversized rewrite is the caller's bug, but the packet still gets finished (and
+        dropped), so the group's counts stay balanced and checkpoints do not stall."""
+        if data is not None and len(data) > self.seg.g.slot_size - abi.PKT_META_SIZE:
+            self.pkt_drop(pkt)
+            raise PacketError(f"packet of {len(data)} bytes exceeds the MTU {self.seg.g.mtu} of "
+                              f"{self.seg.segment.name}: it was dropped")
+
     def pkt_write(self, pkt: Packet, data: bytes | None = None) -> bool:
         """Queue the packet (or `data`, its rewritten bytes) for release once the checkpoint
         of the group's current epoch is acknowledged. False if the output ring was full (the
         packet is dropped and counted)."""
+        self._check_size(pkt, data)
         i = pkt.group_index
         flags = pkt.flags & ~(abi.PKT_DIRECT | abi.PKT_DROP)
         if data is not None and data != pkt.data:
@@ -297,11 +316,13 @@ class PacketClient:
         if not ok and pkt.packet_id:  # dropped: ask for its drop verdict now, not at timeout
             self.seg.direct_ring.push(b"", pkt.packet_id, pkt.flags | abi.PKT_DROP, pkt.group,
                                       pkt.flow_hash, 0, i, pkt.key)
+            self._out_bell.ring()
         self._finish(i, "written" if ok else "output_full", pkt)
         return ok
 
     def pkt_write_direct(self, pkt: Packet, data: bytes | None = None) -> bool:
         """Release at once, bypassing output commit (the paper's pkt_write_direct)."""
+        self._check_size(pkt, data)
         flags = (pkt.flags | abi.PKT_DIRECT) & ~abi.PKT_DROP
         if data is not None and data != pkt.data:
             flags |= abi.PKT_MODIFIED
@@ -368,13 +389,19 @@ class GroupControl:
         return self.seg.groups[idx]
 
     def suspend(self, group: int) -> None:
+        """Stop the middlebox reading the group; then wait for quiescent() before copying."""
+        if group == abi.GROUP_DEFAULT:
+            raise PacketError("the default group is never suspended (its flows are unprotected)")
         self._row(group)["suspended"] = 1
+        fence()  # the store must be visible before quiescent() reads the middlebox's counts
 
     def resume(self, group: int) -> None:
         self._row(group)["suspended"] = 0
         self._in_bell.release()  # wake a middlebox that found only suspended input
 
     def set_buffering(self, group: int, on: bool) -> None:
+        if group == abi.GROUP_DEFAULT and on:
+            raise PacketError("the default group's output is never held")
         self._row(group)["buffering"] = int(on)
         self._out_bell.release()
 

@@ -159,7 +159,12 @@
  * middlebox tags a written packet with the group's epoch as it reads it at write time. The RM
  * checkpoints epoch e only after suspending the group's input, seeing pkts_done == pkts_read
  * (every packet read before the suspension is finished) and refcount 0 on the group's flows, so
- * every output tagged e depends only on state in checkpoint e.
+ * every output tagged e depends only on state in checkpoint e. The read side closes the race
+ * with the suspension: the middlebox bumps pkts_read, issues a full fence, and reads suspended
+ * again before taking the packet (if it is now set, it bumps pkts_done and leaves the packet);
+ * the RM stores suspended, fences, then compares the counts. Either the RM sees the read or
+ * the middlebox sees the suspension. The default group (entry 0) is never suspended and its
+ * output never held.
  *
  * Doorbells are rung only for a sleeper, so a busy path makes no system calls: a consumer
  * about to sleep sets its waiting word (in_waiting / out_waiting), issues a full fence, scans
@@ -358,9 +363,10 @@ typedef struct pico_pkt_desc {
 typedef struct pico_pkt_counters { /* written by the PMM only */
     uint64_t rx_packets;       /* 256 packets received from NFQUEUE */
     uint64_t rx_bytes;         /* 264 */
-    uint64_t malformed;        /* 272 not parsable as a flow (counted, default group) */
+    uint64_t malformed;        /* 272 broken packets (bad header, length, truncated L4);
+                                *     fragments and other protocols are default-group traffic */
     uint64_t default_group;    /* 280 packets classified to the default group */
-    uint64_t input_drops;      /* 288 dropped: the group's input ring was full */
+    uint64_t input_drops;      /* 288 dropped on arrival: input ring full, or longer than mtu */
     uint64_t released;         /* 296 accepted (verdict) or sent (raw) */
     uint64_t unwritten_drops;  /* 304 dropped: the middlebox never wrote them in time */
     uint64_t raw_sent;         /* 312 middlebox-made packets sent through the raw socket */

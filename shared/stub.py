@@ -16,7 +16,6 @@ def _entry(name: str, issue: str):
     return main
 
 
-pmm_main = _entry("pico-pmm", "PMM")
 rm_main = _entry("pico-rm", "RM")
 ctl_main = _entry("picoctl", "RM")
 sdn_main = _entry("pico-sdn", "SDN")

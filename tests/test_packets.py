@@ -202,3 +202,46 @@ def test_one_middlebox_at_a_time(env):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=str(__import__('pathlib').Path(__file__).parents[1]))
     assert r.returncode != 0 and "already has a middlebox" in r.stderr
+
+
+def test_a_suspension_between_count_and_take_leaves_the_packet(env, monkeypatch):
+    """The RM suspends right after the middlebox counted a read: the packet must stay queued
+    and the counts must balance, so the RM's quiescence check is not fooled."""
+    import shared.packets as P
+    store, ingress, _, mb, ctl, _ = env
+    ingress.on_packet(1, web(1))
+    real = P.fence
+
+    def rm_suspends_now():
+        store.seg.groups[1]["suspended"] = 1
+        real()
+
+    monkeypatch.setattr(P, "fence", rm_suspends_now)
+    assert mb.pkt_read(timeout=0.1) is None
+    monkeypatch.setattr(P, "fence", real)
+    row = store.seg.groups[1]
+    assert int(row["pkts_read"]) == int(row["pkts_done"]) and len(store.seg.input_ring(1)) == 1
+    assert ctl.quiescent(WEB)
+    ctl.resume(WEB)
+    assert mb.pkt_read(timeout=1).packet_id == 1
+
+
+def test_default_group_is_never_suspended_or_held(env):
+    from shared.packets import PacketError
+    *_, ctl, _ = env
+    with pytest.raises(PacketError, match="never suspended"):
+        ctl.suspend(abi.GROUP_DEFAULT)
+    with pytest.raises(PacketError, match="never held"):
+        ctl.set_buffering(abi.GROUP_DEFAULT, True)
+
+
+def test_an_oversized_rewrite_is_dropped_and_counted_not_stuck(env):
+    from shared.packets import PacketError
+    store, ingress, rel, mb, _, _ = env
+    ingress.on_packet(5, dns(1))
+    p = mb.pkt_read(timeout=1)
+    with pytest.raises(PacketError, match="exceeds the MTU"):
+        mb.pkt_write(p, b"z" * 2000)
+    row = store.seg.groups[2]
+    assert int(row["pkts_done"]) == int(row["pkts_read"]) == 1
+    assert [(v.action, v.packet_id) for v in rel.drain()] == [(DROP, 5)]
