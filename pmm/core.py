@@ -20,7 +20,7 @@ from .parse import parse
 QUEUED, DROP_FULL, DROP_OVERSIZE = 0, 1, 2
 ACCEPT, DROP, SEND = "accept", "drop", "send"
 FLOW_CACHE_MAX = 1 << 16
-from shared.words import U64 as _U64
+from shared.words import word_views
 
 
 class Verdict(NamedTuple):
@@ -37,12 +37,12 @@ class CounterWords:
     """u64 counters of a shared record, each bumped in place by its single writer."""
 
     def __init__(self, buf, base: int, dtype):
-        self._buf = buf
-        self._off = {name: base + dtype.fields[name][1] for name in dtype.names}
+        (self._w,) = word_views(buf, "Q")
+        self._at = {name: (base + dtype.fields[name][1]) >> 3 for name in dtype.names}
 
     def add(self, name: str, n: int) -> None:
-        off = self._off[name]
-        _U64.pack_into(self._buf, off, _U64.unpack_from(self._buf, off)[0] + n)
+        at = self._at[name]
+        self._w[at] = self._w[at] + n
 
 
 class GroupIndex:

@@ -21,7 +21,7 @@ from .flowtable import FlowTable, Geometry
 from .locks import StripeLocks
 from .segment import Segment, attach_segment, proc_start_time, process_alive
 
-from .words import I64 as _I64
+from .words import word_views
 
 
 def flow_segment_name(shm_prefix: str, cluster: str, replica: str) -> str:
@@ -90,8 +90,10 @@ class FlowClient:
             off = self.geometry.clients_offset + self._client_slot * abi.CLIENT.itemsize
             _take_registry(self.locks.registry, self.locks.timeout_s, self.segment.name)
             try:
-                if _I64.unpack_from(self.segment.buf, off)[0] == os.getpid():
-                    _I64.pack_into(self.segment.buf, off, 0)
+                (pids,) = word_views(self.segment.buf, "q")
+                if pids[off >> 3] == os.getpid():
+                    pids[off >> 3] = 0
+                pids.release()
             finally:
                 self.locks.registry.release()
             self._client_slot = -1

@@ -19,7 +19,7 @@ from . import abi
 from .errors import FlowIsStandby, NoTransaction, TableFull
 from .flowkey import KEY_SIZE, describe, hash_key
 
-from .words import I32 as _I32, U16 as _U16, U32 as _U32, U64 as _U64
+from .words import word_views
 
 _F = {name: off for name, (_, off) in abi.SLOT_HEADER_DTYPE.fields.items()}
 _OFF_STATUS, _OFF_OWNER, _OFF_GROUP = _F["status"], _F["owner"], _F["group"]
@@ -105,6 +105,8 @@ class FlowTable:
         self.locks = locks
         self.replica_id = replica_id
         self._buf = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
+        # Shared words through typed views: whole-word loads and stores (shared/words.py).
+        self._w16, self._w32, self._wi32, self._w64 = word_views(self._buf, "HIiQ")
         self._pid = os.getpid()
         self._local = threading.local()
         self._stripe_mask = geometry.n_stripes - 1
@@ -134,19 +136,19 @@ class FlowTable:
         base = (h & self._stripe_mask) * sps
         home = (h >> 32) & mask
         slots_off, slot_size = self._slots_off, self._slot_size
-        u32, u64 = _U32.unpack_from, _U64.unpack_from
+        w32, w64 = self._w32, self._w64
         reuse = -1
         for i in range(sps):
             idx = base + ((home + i) & mask)
             off = slots_off + idx * slot_size
-            status = u32(buf, off + _OFF_STATUS)[0]
+            status = w32[(off + _OFF_STATUS) >> 2]
             if status == FREE:
                 return -1, FREE, (reuse if reuse >= 0 else idx)
-            if u64(buf, off + _OFF_HASH)[0] == h and buf[off:off + KEY_SIZE] == key:
+            if w64[(off + _OFF_HASH) >> 3] == h and buf[off:off + KEY_SIZE] == key:
                 return idx, status, idx
             if (status == TOMBSTONE and reuse < 0 and
-                    (u32(buf, off + _OFF_MOD)[0] == 0 or
-                     u32(buf, off + _OFF_GROUP)[0] == abi.GROUP_DEFAULT)):
+                    (w32[(off + _OFF_MOD) >> 2] == 0 or
+                     w32[(off + _OFF_GROUP) >> 2] == abi.GROUP_DEFAULT)):
                 reuse = idx
         return -1, FREE, reuse
 
@@ -154,9 +156,9 @@ class FlowTable:
         off = self.g.stripes_offset + stripe * 64
         buf = self._buf
         if live:
-            _U32.pack_into(buf, off + _STRIPE_LIVE, _U32.unpack_from(buf, off + _STRIPE_LIVE)[0] + live)
+            self._w32[(off + _STRIPE_LIVE) >> 2] = self._w32[(off + _STRIPE_LIVE) >> 2] + live
         if tomb:
-            _U32.pack_into(buf, off + _STRIPE_TOMB, _U32.unpack_from(buf, off + _STRIPE_TOMB)[0] + tomb)
+            self._w32[(off + _STRIPE_TOMB) >> 2] = self._w32[(off + _STRIPE_TOMB) >> 2] + tomb
 
     def _claim(self, key: bytes, h: int, idx: int, status: int, group: int, owner: int) -> int:
         """Fill slot idx for key (stripe lock held) and publish its status last."""
@@ -167,19 +169,19 @@ class FlowTable:
                             f"{describe(key)}: raise flow_table.capacity in the config")
         off = self._slot_off(idx)
         buf = self._buf
-        old_status = _U32.unpack_from(buf, off + _OFF_STATUS)[0]  # FREE, or a reused TOMBSTONE
+        old_status = self._w32[(off + _OFF_STATUS) >> 2]  # FREE, or a reused TOMBSTONE
         buf[off:off + KEY_SIZE] = key
-        _U16.pack_into(buf, off + _OFF_OWNER, owner)
-        _U32.pack_into(buf, off + _OFF_GROUP, group)
-        _U32.pack_into(buf, off + _OFF_REF, 0)
-        _U64.pack_into(buf, off + _OFF_VERSION, 0)
-        _U64.pack_into(buf, off + _OFF_EPOCH, 0)
-        _U32.pack_into(buf, off + _OFF_MOD, 1)
-        _I32.pack_into(buf, off + _OFF_TXN, 0)
-        _U64.pack_into(buf, off + _OFF_HASH, h)
+        self._w16[(off + _OFF_OWNER) >> 1] = owner
+        self._w32[(off + _OFF_GROUP) >> 2] = group
+        self._w32[(off + _OFF_REF) >> 2] = 0
+        self._w64[(off + _OFF_VERSION) >> 3] = 0
+        self._w64[(off + _OFF_EPOCH) >> 3] = 0
+        self._w32[(off + _OFF_MOD) >> 2] = 1
+        self._wi32[(off + _OFF_TXN) >> 2] = 0
+        self._w64[(off + _OFF_HASH) >> 3] = h
         state = off + abi.SLOT_HEADER
         buf[state:state + self.g.state_size] = bytes(self.g.state_size)
-        _U32.pack_into(buf, off + _OFF_STATUS, status)  # publish last
+        self._w32[(off + _OFF_STATUS) >> 2] = status  # publish last
         self._stripe_add(stripe, 1, -1 if old_status == TOMBSTONE else 0)
         return off
 
@@ -254,8 +256,8 @@ class FlowTable:
         except BaseException:
             self._unhold(stripe)
             raise
-        _U32.pack_into(buf, off + _OFF_REF, _U32.unpack_from(buf, off + _OFF_REF)[0] + 1)
-        _I32.pack_into(buf, off + _OFF_TXN, self._pid)
+        self._w32[(off + _OFF_REF) >> 2] = self._w32[(off + _OFF_REF) >> 2] + 1
+        self._wi32[(off + _OFF_TXN) >> 2] = self._pid
         txn = txns.get(key)
         if txn is None:
             txns[key] = [stripe, off, 1]
@@ -283,15 +285,14 @@ class FlowTable:
         stripe, off = self._end(key)
         buf = self._buf
         try:
-            if _U32.unpack_from(buf, off + _OFF_STATUS)[0] != ACTIVE:
+            if self._w32[(off + _OFF_STATUS) >> 2] != ACTIVE:
                 return False
-            ref = _U32.unpack_from(buf, off + _OFF_REF)[0]
+            ref = self._w32[(off + _OFF_REF) >> 2]
             if ref:
-                _U32.pack_into(buf, off + _OFF_REF, ref - 1)
+                self._w32[(off + _OFF_REF) >> 2] = ref - 1
             if modified:
-                _U32.pack_into(buf, off + _OFF_MOD, 1)
-                _U64.pack_into(buf, off + _OFF_VERSION,
-                               _U64.unpack_from(buf, off + _OFF_VERSION)[0] + 1)
+                self._w32[(off + _OFF_MOD) >> 2] = 1
+                self._w64[(off + _OFF_VERSION) >> 3] = self._w64[(off + _OFF_VERSION) >> 3] + 1
             return True
         finally:
             self._unhold(stripe)
@@ -305,7 +306,7 @@ class FlowTable:
         if key in txns:
             stripe, off = self._end(key)
             try:
-                if _U32.unpack_from(self._buf, off + _OFF_STATUS)[0] != ACTIVE:
+                if self._w32[(off + _OFF_STATUS) >> 2] != ACTIVE:
                     return False
                 self._tombstone(off, stripe)
                 return True
@@ -326,10 +327,10 @@ class FlowTable:
 
     def _tombstone(self, off: int, stripe: int) -> None:
         buf = self._buf
-        _U32.pack_into(buf, off + _OFF_STATUS, TOMBSTONE)
-        _U32.pack_into(buf, off + _OFF_REF, 0)
-        _U32.pack_into(buf, off + _OFF_MOD, 1)
-        _U64.pack_into(buf, off + _OFF_VERSION, _U64.unpack_from(buf, off + _OFF_VERSION)[0] + 1)
+        self._w32[(off + _OFF_STATUS) >> 2] = TOMBSTONE
+        self._w32[(off + _OFF_REF) >> 2] = 0
+        self._w32[(off + _OFF_MOD) >> 2] = 1
+        self._w64[(off + _OFF_VERSION) >> 3] = self._w64[(off + _OFF_VERSION) >> 3] + 1
         self._stripe_add(stripe, -1, 1)
 
     def lookup(self, key: bytes) -> tuple[int, int]:
@@ -363,9 +364,9 @@ class FlowTable:
                 if status != STANDBY:
                     return "absent"
                 off = self._slot_off(idx)
-                _U32.pack_into(self._buf, off + _OFF_STATUS, TOMBSTONE)
+                self._w32[(off + _OFF_STATUS) >> 2] = TOMBSTONE
                 # Backup-side tombstones carry nothing to checkpoint: reusable at once.
-                _U32.pack_into(self._buf, off + _OFF_MOD, 0)
+                self._w32[(off + _OFF_MOD) >> 2] = 0
                 self._stripe_add(stripe, -1, 1)
                 return "deleted"
             if status == STANDBY:
@@ -376,11 +377,11 @@ class FlowTable:
                 off = self._claim(key, h, reuse, STANDBY, group, owner)
                 result = "installed"
             buf = self._buf
-            _U32.pack_into(buf, off + _OFF_GROUP, group)
-            _U16.pack_into(buf, off + _OFF_OWNER, owner)
-            _U64.pack_into(buf, off + _OFF_VERSION, version)
-            _U64.pack_into(buf, off + _OFF_EPOCH, epoch)
-            _U32.pack_into(buf, off + _OFF_MOD, 0)
+            self._w32[(off + _OFF_GROUP) >> 2] = group
+            self._w16[(off + _OFF_OWNER) >> 1] = owner
+            self._w64[(off + _OFF_VERSION) >> 3] = version
+            self._w64[(off + _OFF_EPOCH) >> 3] = epoch
+            self._w32[(off + _OFF_MOD) >> 2] = 0
             n = min(len(state), self.g.state_size)
             s = off + abi.SLOT_HEADER
             buf[s:s + n] = state[:n]
@@ -403,14 +404,14 @@ class FlowTable:
             try:
                 for idx in idxs:
                     off = self._slot_off(idx)
-                    if _U32.unpack_from(buf, off + _OFF_STATUS)[0] != STANDBY:
+                    if self._w32[(off + _OFF_STATUS) >> 2] != STANDBY:
                         continue
-                    _U16.pack_into(buf, off + _OFF_OWNER, self.replica_id)
+                    self._w16[(off + _OFF_OWNER) >> 1] = self.replica_id
                     if new_group is not None:
-                        _U32.pack_into(buf, off + _OFF_GROUP, new_group)
-                    _U32.pack_into(buf, off + _OFF_REF, 0)
-                    _U32.pack_into(buf, off + _OFF_MOD, 1)
-                    _U32.pack_into(buf, off + _OFF_STATUS, ACTIVE)
+                        self._w32[(off + _OFF_GROUP) >> 2] = new_group
+                    self._w32[(off + _OFF_REF) >> 2] = 0
+                    self._w32[(off + _OFF_MOD) >> 2] = 1
+                    self._w32[(off + _OFF_STATUS) >> 2] = ACTIVE
                     keys.append(bytes(buf[off:off + KEY_SIZE]))
             finally:
                 self._unhold(stripe)
@@ -451,4 +452,6 @@ class FlowTable:
     def release_views(self) -> None:
         """Drop the numpy views so the underlying mapping can be closed."""
         self.slots = self.stripes = None
+        for view in (self._w16, self._w32, self._wi32, self._w64):
+            view.release()
         self._buf = None

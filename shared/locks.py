@@ -14,9 +14,8 @@ import posix_ipc
 
 from .errors import FlowLockTimeout
 
-from .words import I64 as _I64, U64 as _U64
+from .words import word_views
 STRIPE_SIZE = 64
-_pack_i64, _pack_u64, _unpack_u64 = _I64.pack_into, _U64.pack_into, _U64.unpack_from
 
 
 def sem_name(prefix: str, stripe: int) -> str:
@@ -31,20 +30,21 @@ class _StripeRecords:
     """Writes the holder word and the acquisition counter of each stripe record."""
 
     def __init__(self, buf: memoryview, stripes_offset: int):
-        self._buf = buf
-        self._off = stripes_offset
+        # holder_pid (i64) and acquisitions (u64) as whole words (shared/words.py).
+        self._i64, self._u64 = word_views(buf, "qQ")
+        self._base = stripes_offset >> 3
         self._pid = os.getpid()
 
     def mark_held(self, k: int) -> None:
-        buf, off = self._buf, self._off + k * STRIPE_SIZE
-        _pack_i64(buf, off, self._pid)
-        _pack_u64(buf, off + 8, _unpack_u64(buf, off + 8)[0] + 1)
+        at = self._base + k * (STRIPE_SIZE >> 3)
+        self._i64[at] = self._pid
+        self._u64[at + 1] = self._u64[at + 1] + 1
 
     def mark_free(self, k: int) -> None:
-        _pack_i64(self._buf, self._off + k * STRIPE_SIZE, 0)
+        self._i64[self._base + k * (STRIPE_SIZE >> 3)] = 0
 
     def holder(self, k: int) -> int:
-        return _I64.unpack_from(self._buf, self._off + k * STRIPE_SIZE)[0]
+        return self._i64[self._base + k * (STRIPE_SIZE >> 3)]
 
 
 class StripeLocks:
@@ -92,6 +92,8 @@ class StripeLocks:
         for s in self._sems:
             s.close()
         self._sems = []
+        self._acquire = self._release = []
+        self._records = None  # its views of the segment, so the mapping can close
         reg = getattr(self, "registry", None)
         if reg is not None:
             reg.close()

@@ -28,7 +28,7 @@ from .errors import AttachError, PicoError
 from .rings import Ring
 from .segment import Segment, attach_segment, process_alive
 
-from .words import U32 as _U32, U64 as _U64
+from .words import word_views
 _FENCE = threading.Lock()
 IN_WAITING = abi.PKT_DESC_OFFSET + abi.PKT_DESC.fields["in_waiting"][1]
 OUT_WAITING = abi.PKT_DESC_OFFSET + abi.PKT_DESC.fields["out_waiting"][1]
@@ -46,13 +46,13 @@ class Doorbell:
 
     def __init__(self, sem: posix_ipc.Semaphore, buf, flag_offset: int):
         self.sem = sem
-        self._buf = buf
-        self._flag = flag_offset
+        (self._w,) = word_views(buf, "I")  # the waiting word, stored whole (shared/words.py)
+        self._flag = flag_offset >> 2
 
     # producer
     def ring(self) -> None:
         fence()
-        if _U32.unpack_from(self._buf, self._flag)[0]:
+        if self._w[self._flag]:
             self.sem.release()
 
     def ring_always(self) -> None:
@@ -61,11 +61,11 @@ class Doorbell:
     # consumer
     def prepare(self) -> None:
         """Say we are about to sleep; the caller then scans once more before wait()."""
-        _U32.pack_into(self._buf, self._flag, 1)
+        self._w[self._flag] = 1
         fence()
 
     def cancel(self) -> None:
-        _U32.pack_into(self._buf, self._flag, 0)
+        self._w[self._flag] = 0
 
     def wait(self, timeout: float | None) -> bool:
         """Sleep until rung or timeout (False); clears the waiting word either way."""
@@ -75,7 +75,7 @@ class Doorbell:
         except (posix_ipc.BusyError, posix_ipc.SignalError):
             return False
         finally:
-            _U32.pack_into(self._buf, self._flag, 0)
+            self._w[self._flag] = 0
 
     def close(self) -> None:
         self.sem.close()

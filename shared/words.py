@@ -1,10 +1,12 @@
-"""Shared-memory words as single loads and stores.
+"""Shared-memory words as whole loads and stores: typed memoryview casts.
 
-CPython's struct packs and unpacks *standard-size* formats ("<Q", "<I"...) one byte at a time,
-so another process can see half of an update (a ring's tail going from 0x0FF to 0x100 reads as
-0x000 between two byte stores). Native formats ("Q", "I"...) copy the whole aligned word at
-once. Every word that another process reads while it changes must go through these. The ABI is
-little-endian x86-64 (pico_abi.h), so native order is the ABI's order.
+Two traps make struct unusable for words another process reads while they change:
+- struct.pack_into first memsets its target to zero, then writes the value: a reader can see
+  0 in between (a ring's tail read as 0 makes it look like the consumer ran ahead);
+- standard-size formats ("<Q") are packed and unpacked one byte at a time.
+A memoryview cast to "Q", "I"... copies each item with one aligned machine word, so readers see
+either the old or the new value. The ABI is little-endian x86-64 (pico_abi.h), so native item
+order is the ABI's order. Index = byte offset >> log2(item size); offsets are aligned by the ABI.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import sys
 if sys.byteorder != "little" or struct.calcsize("P") != 8:
     raise ImportError("Pico's shared-memory ABI is little-endian 64-bit (pico_abi.h)")
 
-U16 = struct.Struct("H")
-U32 = struct.Struct("I")
-I32 = struct.Struct("i")
-U64 = struct.Struct("Q")
-I64 = struct.Struct("q")
+
+def word_views(buf: memoryview, formats: str) -> tuple[memoryview, ...]:
+    """One typed view of `buf` per format character ("H", "I", "i", "Q", "q")."""
+    raw = buf if isinstance(buf, memoryview) else memoryview(buf)
+    raw = raw.cast("B") if raw.format != "B" else raw
+    return tuple(raw.cast(f) for f in formats)
