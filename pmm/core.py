@@ -8,7 +8,6 @@ packet leaves only when its epoch tag is <= the group's committed epoch. The she
 """
 from __future__ import annotations
 
-import struct
 from typing import Callable, NamedTuple
 
 from shared import abi

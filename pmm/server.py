@@ -11,7 +11,6 @@ A crash in either thread stops the whole process (fate-sharing: the replica fail
 from __future__ import annotations
 
 import json
-import os
 import select
 import signal
 import socket
@@ -19,7 +18,6 @@ import threading
 import time
 
 
-from shared import abi
 from shared import log as pico_log
 from shared.api import attach_replica
 from shared.errors import PicoError
@@ -28,7 +26,7 @@ from shared.packets import IN_WAITING, OUT_WAITING, Doorbell
 
 from .checksum import fix_checksums
 from .classify import Classifier
-from .core import ACCEPT, DROP, QUEUED, SEND, Ingress, Releaser
+from .core import DROP, QUEUED, SEND, Ingress, Releaser
 from .store import PacketStore
 
 SWEEP_INTERVAL_S = 0.05

@@ -11,7 +11,6 @@ The C library (shared/libpico.c, pico.h) implements the same calls over the same
 from __future__ import annotations
 
 import os
-import struct
 import sys
 import time
 

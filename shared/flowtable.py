@@ -8,7 +8,6 @@ struct on the buffer at offsets taken from the numpy dtypes; whole-table scans u
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from dataclasses import dataclass
 from typing import Iterable
@@ -154,7 +153,6 @@ class FlowTable:
 
     def _stripe_add(self, stripe: int, live: int, tomb: int) -> None:
         off = self.g.stripes_offset + stripe * 64
-        buf = self._buf
         if live:
             self._w32[(off + _STRIPE_LIVE) >> 2] = self._w32[(off + _STRIPE_LIVE) >> 2] + live
         if tomb:
@@ -283,7 +281,6 @@ class FlowTable:
         """End the transaction get_flow opened; modified=True marks the flow for the next
         checkpoint. False if the flow vanished meanwhile (deleted in a nested transaction)."""
         stripe, off = self._end(key)
-        buf = self._buf
         try:
             if self._w32[(off + _OFF_STATUS) >> 2] != ACTIVE:
                 return False
@@ -326,7 +323,6 @@ class FlowTable:
             self._unhold(stripe)
 
     def _tombstone(self, off: int, stripe: int) -> None:
-        buf = self._buf
         self._w32[(off + _OFF_STATUS) >> 2] = TOMBSTONE
         self._w32[(off + _OFF_REF) >> 2] = 0
         self._w32[(off + _OFF_MOD) >> 2] = 1

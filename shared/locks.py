@@ -7,7 +7,6 @@ the SMM's watchdog can tell a dead holder from a busy one and post the semaphore
 from __future__ import annotations
 
 import os
-import struct
 import threading
 
 import posix_ipc

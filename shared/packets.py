@@ -15,7 +15,6 @@ The PMM creates the segment (pmm/store.py); the RM writes the group table's cont
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import time
 from dataclasses import dataclass

@@ -124,7 +124,7 @@ class Ring:
 
     def skip_all(self) -> int:
         """Consume everything queued (a consumer taking over from a dead one); how many."""
-        buf, w = self._buf, self._w
+        w = self._w
         tail = w[self._tail]
         n = tail - w[self._head]
         w[self._head] = tail

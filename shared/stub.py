@@ -1,7 +1,6 @@
 """Entry points whose issue has not landed yet: they say so and exit 2."""
 from __future__ import annotations
 
-import os
 import sys
 
 

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +129,26 @@ def cbuild() -> Path:
         proc = subprocess.run(["make", "-C", str(target)], capture_output=True, text=True)
         assert proc.returncode == 0, (f"make -C {target} failed:\n{proc.stdout}\n{proc.stderr}")
     return REPO / "tests" / "c" / "build"
+
+
+PACKET_GROUPS = ("packets: {ring_slots: 16}\n"
+                 "groups: {web: {id: 1, target: r2}, dns: {id: 2, target: r2, buffering: false}}\n"
+                 "policies: [{group: web, proto: tcp, dport: 80}, {group: dns, proto: udp, dport: 53}]\n")
+
+
+@pytest.fixture
+def packet_bed(tmp_path):
+    """A PMM's packet segment in this process, without NFQUEUE: (store, ingress, releaser,
+    group control, config, known flows). Groups: web (1, buffered), dns (2, unbuffered)."""
+    from pmm.classify import Classifier
+    from pmm.core import Ingress, Releaser
+    from pmm.store import PacketStore
+    from shared.packets import GroupControl
+    cfg = write_config(tmp_path, extra=PACKET_GROUPS)
+    store = PacketStore(cfg, "r1")
+    known: dict = {}
+    ingress = Ingress(store.seg, Classifier(cfg), lambda key, h: known.get(key))
+    ctl = GroupControl(store.seg)
+    yield store, ingress, Releaser(store.seg), ctl, cfg, known
+    ctl.close()
+    store.close()

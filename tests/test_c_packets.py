@@ -11,14 +11,12 @@ import time
 
 import pytest
 
-from pmm.classify import Classifier
-from pmm.core import ACCEPT, DROP, QUEUED, SEND, Ingress, Releaser
+from pmm.core import ACCEPT, DROP, QUEUED, SEND
 from pmm.parse import parse
-from pmm.store import PacketStore
 from pktbuild import ipv4
 from shared import abi
 from shared.errors import AttachError
-from shared.packets import GroupControl, attach_packets
+from shared.packets import attach_packets
 
 pytestmark = pytest.mark.cbuild
 
@@ -28,24 +26,10 @@ E_FULL, E_INVAL, E_TIMEOUT, E_BUSY = 17, 20, 24, 25  # pkttool exits: |PICO_E_*|
 
 
 @pytest.fixture
-def env(tmp_path):
-    """Like tests/test_packets.py's env, without a Python middlebox: the C tool is the one."""
-    from conftest import write_config
-    cfg = write_config(tmp_path)
-    text = open(cfg.path).read()
-    text += ("packets: {ring_slots: 16}\n"
-             "groups: {web: {id: 1, target: r2}, dns: {id: 2, target: r2, buffering: false}}\n"
-             "policies: [{group: web, proto: tcp, dport: 80}, {group: dns, proto: udp, dport: 53}]\n")
-    open(cfg.path, "w").write(text)
-    from shared.config import load_config
-    cfg = load_config(cfg.path)
-    store = PacketStore(cfg, "r1")
-    known = {}
-    ingress = Ingress(store.seg, Classifier(cfg), lambda key, h: known.get(key))
-    ctl = GroupControl(store.seg)
-    yield store, ingress, Releaser(store.seg), ctl, cfg
-    ctl.close()
-    store.close()
+def env(packet_bed):
+    """The packet bed without a Python middlebox: the C tool is the one."""
+    store, ingress, releaser, ctl, cfg, _ = packet_bed
+    yield store, ingress, releaser, ctl, cfg
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Real processes sharing one flow segment: striped locks under contention, dead and hung holders."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -7,36 +7,21 @@ import time
 import pytest
 
 from pmm.audit import violations
-from pmm.classify import Classifier
-from pmm.core import ACCEPT, DROP, DROP_FULL, QUEUED, SEND, Ingress, Releaser
-from pmm.store import PacketStore
+from pmm.core import ACCEPT, DROP, DROP_FULL, QUEUED, SEND
 from pktbuild import ipv4
 from shared import abi
-from shared.packets import GroupControl, attach_packets
+from shared.packets import attach_packets
 
 WEB, DNS = 1, 2
 
 
 @pytest.fixture
-def env(tmp_path):
-    from conftest import write_config
-    cfg = write_config(tmp_path)
-    text = open(cfg.path).read()
-    text += ("packets: {ring_slots: 16}\n"
-             "groups: {web: {id: 1, target: r2}, dns: {id: 2, target: r2, buffering: false}}\n"
-             "policies: [{group: web, proto: tcp, dport: 80}, {group: dns, proto: udp, dport: 53}]\n")
-    open(cfg.path, "w").write(text)
-    from shared.config import load_config
-    cfg = load_config(cfg.path)
-    store = PacketStore(cfg, "r1")
-    known = {}
-    ingress = Ingress(store.seg, Classifier(cfg), lambda key, h: known.get(key))
+def env(packet_bed):
+    """The packet bed plus a Python middlebox attached to it."""
+    store, ingress, releaser, ctl, _, known = packet_bed
     mb = attach_packets(store.name)
-    ctl = GroupControl(store.seg)
-    yield store, ingress, Releaser(store.seg), mb, ctl, known
-    ctl.close()
+    yield store, ingress, releaser, mb, ctl, known
     mb.close()
-    store.close()
 
 
 def web(i, payload=b"x"):

@@ -1,12 +1,9 @@
 """The SMM process: segment ownership, control messages good and bad (real processes, real ZMQ)."""
 import json
-import os
 import signal
 import struct
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from shared import wire
