@@ -84,6 +84,7 @@ class PmmServer:
         self._stop = threading.Event()
         self.crashed = False
         self._missing: set[int] = set()
+        self._release_lock = threading.Lock()
         self._audit = open(audit_path, "a", buffering=1) if audit_path else None
         self._release_thread = threading.Thread(target=self._release_loop, name="release",
                                                 daemon=True)
@@ -131,7 +132,12 @@ class PmmServer:
             self._stop.set()
 
     def _release(self) -> int:
-        """Give the verdicts output commit allows now; how many."""
+        """Give the verdicts output commit allows now; how many. Either thread may call it:
+        the lock keeps the output rings' consumer single."""
+        with self._release_lock:
+            return self._release_locked()
+
+    def _release_locked(self) -> int:
         total = 0
         while True:
             verdicts = self.releaser.drain()
@@ -233,6 +239,13 @@ class PmmServer:
                 ready, _, _ = select.select([fd], [], [], STOP_POLL_S)
                 if ready:
                     nfq.run(block=False)
+                    # Release what the middlebox already wrote, here and now: under load this
+                    # saves waking the release thread (and moving the GIL) for every packet.
+                    if self._release_lock.acquire(blocking=False):
+                        try:
+                            self._release_locked()
+                        finally:
+                            self._release_lock.release()
         finally:
             self._stop.set()
             nfq.unbind()
