@@ -1,0 +1,162 @@
+"""One replication group's checkpoint epochs (paper §4.3) as a pure state machine.
+
+The RM's shell feeds it the clock and what it observes (is the group quiescent? how many of
+its flows are inside a transaction? which epoch did the backup acknowledge?) and carries out
+the actions it returns, in order. Nothing here sleeps, reads memory or touches a socket, so the
+tests drive every path with a fake clock.
+
+End of epoch e:  Suspend -> (wait: quiescent, no open transaction) -> Capture(e) ->
+                 OpenEpoch(e+1) -> Resume -> Send(e, base) ... Ack(>= e) -> Commit(e)
+Sends are pipelined (up to max_inflight epochs unacknowledged); acks are cumulative.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+RUNNING, DRAINING = "running", "draining"
+
+
+@dataclass(frozen=True)
+class Suspend:
+    group: int
+
+
+@dataclass(frozen=True)
+class Capture:
+    group: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class OpenEpoch:
+    group: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Resume:
+    group: int
+
+
+@dataclass(frozen=True)
+class Send:
+    group: int
+    epoch: int
+    base: int      # the epoch this delta builds on (wire INSTALL base_epoch)
+    retry: int     # 0 for the first send
+
+
+@dataclass(frozen=True)
+class Commit:
+    group: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Stuck:
+    """The group did not drain in time: reported and counted, the epoch is not taken."""
+    group: int
+    epoch: int
+    open_transactions: int
+    quiescent: bool
+
+
+@dataclass(frozen=True)
+class Unprotect:
+    """The backup does not answer: stop protecting (release held output, stop buffering)."""
+    group: int
+    epoch: int
+
+
+Action = Union[Suspend, Capture, OpenEpoch, Resume, Send, Commit, Stuck, Unprotect]
+
+
+@dataclass
+class GroupEpochs:
+    group: int
+    frequency_hz: float
+    now: float
+    epoch: int = 1                 # the open epoch: outputs written now carry this tag
+    committed: int = 0
+    max_inflight: int = 4
+    drain_timeout: float = 0.05    # seconds a suspension may wait for quiescence
+    ack_timeout: float = 0.5
+    max_retries: int = 3
+    state: str = RUNNING
+    next_due: float = field(init=False)
+    suspended_at: float = 0.0
+    inflight: dict[int, tuple[float, int]] = field(default_factory=dict)  # epoch -> (sent, tries)
+    last_sent: int = 0
+    stuck: int = 0
+    commit_latencies: list[float] = field(default_factory=list)
+    protected: bool = True
+
+    def __post_init__(self) -> None:
+        self.next_due = self.now + self.period
+
+    @property
+    def period(self) -> float:
+        return 1.0 / self.frequency_hz
+
+    def step(self, now: float, quiescent: bool = True, open_transactions: int = 0) -> list[Action]:
+        """Advance on the clock and the latest observations; the actions to carry out."""
+        if not self.protected:
+            return []
+        actions: list[Action] = self._timeouts(now)
+        if not self.protected:
+            return actions
+        if self.state == RUNNING:
+            if now >= self.next_due and len(self.inflight) < self.max_inflight:
+                self.state, self.suspended_at = DRAINING, now
+                actions.append(Suspend(self.group))
+            else:
+                return actions
+        # DRAINING: take the epoch as soon as the group is quiet
+        if quiescent and open_transactions == 0:
+            e = self.epoch
+            self.epoch = e + 1
+            self.state = RUNNING
+            self.next_due = max(self.next_due + self.period, now)  # no burst to catch up
+            self.inflight[e] = (now, 0)
+            base, self.last_sent = self.last_sent, e
+            actions += [Capture(self.group, e), OpenEpoch(self.group, e + 1), Resume(self.group),
+                        Send(self.group, e, base, 0)]
+        elif now - self.suspended_at >= self.drain_timeout:
+            self.stuck += 1
+            self.state = RUNNING
+            self.next_due = now + self.period
+            actions += [Stuck(self.group, self.epoch, open_transactions, quiescent),
+                        Resume(self.group)]
+        return actions
+
+    def on_ack(self, acked_epoch: int, now: float) -> list[Action]:
+        """The backup acknowledged every epoch <= acked_epoch (cumulative)."""
+        done = [e for e in self.inflight if e <= acked_epoch]
+        for e in done:
+            sent, _ = self.inflight.pop(e)
+            self.commit_latencies.append(now - sent)
+        if acked_epoch > self.committed:
+            self.committed = acked_epoch
+            return [Commit(self.group, acked_epoch)]
+        return []
+
+    def _timeouts(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        for e in sorted(self.inflight):
+            sent, tries = self.inflight[e]
+            if now - sent < self.ack_timeout:
+                continue
+            if tries >= self.max_retries:
+                self.protected = False
+                self.inflight.clear()
+                return out + [Unprotect(self.group, e)]
+            self.inflight[e] = (now, tries + 1)
+            base = max((x for x in self.inflight if x < e), default=self.committed)
+            out.append(Send(self.group, e, base, tries + 1))
+        return out
+
+
+def due_order(groups: list[GroupEpochs]) -> list[GroupEpochs]:
+    """Groups by their next deadline, so one thread serves many groups on time."""
+    return sorted(groups, key=lambda g: g.next_due)
