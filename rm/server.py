@@ -1,0 +1,118 @@
+"""The RM's shell (issue 4, first cut): carries out GroupEpochs' actions against the real parts.
+
+- the group table's control line (shared.packets.GroupControl): suspend, resume, open the next
+  epoch, commit;
+- the flow table (a FlowClient): capture a group's dirty flows after it drained;
+- the target replica's SMM over ZeroMQ (shared.control.ControlClient): INSTALL, whose reply
+  acknowledges epochs cumulatively.
+One thread serves every group in deadline order (rm.epochs.due_order). Sends are synchronous in
+this cut (one epoch in flight per group at a time); pipelining is the next step.
+"""
+from __future__ import annotations
+
+import time
+
+from shared import log as pico_log
+from shared import wire
+from shared.api import attach_replica
+from shared.control import ControlClient
+from shared.errors import ControlTimeout, WireError
+from shared.packets import attach_control, pkt_segment_name
+
+from .capture import capture, mark_captured, open_transactions
+from .epochs import (Capture, Commit, GroupEpochs, OpenEpoch, Resume, Send, Stuck, Suspend,
+                     Unprotect, due_order)
+
+
+class RmServer:
+    def __init__(self, config, replica: str):
+        self.log = pico_log.get_logger("rm", replica=replica)
+        self.config = config
+        self.replica = config.replica(replica)
+        c = config.cluster
+        self.flows = attach_replica(config, replica, timeout=10.0, name="pico-rm")
+        self.seg, self.ctl = attach_control(pkt_segment_name(c.shm_prefix, c.name, replica),
+                                            timeout=10.0)
+        self.clients: dict[int, ControlClient] = {}
+        self.groups: dict[int, GroupEpochs] = {}
+        self.captured: dict[tuple[int, int], object] = {}  # (group, epoch) -> records
+        timeout_ms = config.control.request_timeout_ms
+        now = time.monotonic()
+        for gid, index in self.seg.active_groups().items():
+            row = self.seg.groups[index]
+            target = int(row["target"])
+            if gid == 0 or not target or not int(row["protected_"]):
+                continue
+            if target not in self.clients:
+                peer = config.replica_by_id(target)
+                self.clients[target] = ControlClient(peer.smm_endpoint, timeout_ms)
+            self.groups[gid] = GroupEpochs(gid, int(row["frequency_hz"]), now,
+                                           epoch=int(row["epoch"]),
+                                           committed=int(row["committed"]),
+                                           ack_timeout=timeout_ms / 1000.0)
+        self.targets = {gid: int(self.seg.groups[self.seg.active_groups()[gid]]["target"])
+                        for gid in self.groups}
+
+    def run_once(self, now: float | None = None) -> None:
+        """One pass over the groups that are due; carries out their actions."""
+        now = time.monotonic() if now is None else now
+        table = self.flows.table
+        for ge in due_order(list(self.groups.values())):
+            if ge.state == "running" and now < ge.next_due and not ge.inflight:
+                continue
+            acts = ge.step(now, self.ctl.quiescent(ge.group), open_transactions(table, ge.group))
+            self._apply(ge, acts)
+
+    def _apply(self, ge: GroupEpochs, actions) -> None:
+        g = ge.group
+        for a in actions:
+            if isinstance(a, Suspend):
+                self.ctl.suspend(g)
+            elif isinstance(a, Capture):
+                recs, slots = capture(self.flows.table, g)
+                mark_captured(self.flows.table, slots, a.epoch)
+                self.captured[(g, a.epoch)] = recs
+            elif isinstance(a, OpenEpoch):
+                self.ctl.open_epoch(g, a.epoch)
+            elif isinstance(a, Resume):
+                self.ctl.resume(g)
+            elif isinstance(a, Send):
+                self._send(ge, a)
+            elif isinstance(a, Commit):
+                self.ctl.commit(g, a.epoch)
+                for key in [k for k in self.captured if k[0] == g and k[1] <= a.epoch]:
+                    del self.captured[key]
+            elif isinstance(a, Stuck):
+                self.log.warning(f"group={g} epoch {a.epoch} not taken: the group did not drain "
+                                 f"in {ge.drain_timeout:g} s ({a.open_transactions} open "
+                                 f"transaction(s), quiescent={a.quiescent})")
+            elif isinstance(a, Unprotect):
+                self.log.error(f"group={g} backup replica {self.targets[g]} does not answer: "
+                               "group unprotected, held output released")
+                self.ctl.set_buffering(g, False)
+                self.ctl.commit(g, ge.epoch)
+
+    def _send(self, ge: GroupEpochs, a: Send) -> None:
+        recs = self.captured.get((a.group, a.epoch))
+        if recs is None:
+            return
+        body = wire.encode_install(self.replica.id, a.group, a.epoch, a.base,
+                                   self.flows.state_size, recs)
+        try:
+            reply = self.clients[self.targets[a.group]].request(wire.INSTALL, body)
+        except ControlTimeout as e:
+            self.log.warning(f"group={a.group} epoch {a.epoch}: {e}; will retry")
+            return
+        except WireError as e:
+            self.log.warning(f"group={a.group} epoch {a.epoch} refused: {e}")
+            return
+        acked = wire.INSTALL_REPLY.unpack(reply.body)[2]
+        self._apply(ge, ge.on_ack(acked, time.monotonic()))
+
+    def close(self) -> None:
+        for c in self.clients.values():
+            c.close()
+        self.ctl.close()
+        self.seg.release_views()
+        self.seg.segment.close()
+        self.flows.close()
