@@ -10,6 +10,8 @@ this cut (one epoch in flight per group at a time); pipelining is the next step.
 """
 from __future__ import annotations
 
+import signal
+import threading
 import time
 
 from shared import log as pico_log
@@ -109,6 +111,16 @@ class RmServer:
         acked = wire.INSTALL_REPLY.unpack(reply.body)[2]
         self._apply(ge, ge.on_ack(acked, time.monotonic()))
 
+    def next_wakeup(self, now: float) -> float:
+        """Seconds until some group needs us (an epoch ends, or an ack may have timed out)."""
+        if not self.groups:
+            return 0.5
+        soonest = min(g.next_due for g in self.groups.values() if g.protected) \
+            if any(g.protected for g in self.groups.values()) else now + 0.5
+        if any(g.state != "running" for g in self.groups.values()):
+            return 0.0002  # draining: look again soon
+        return max(0.0, min(soonest - now, 0.5))
+
     def close(self) -> None:
         for c in self.clients.values():
             c.close()
@@ -116,3 +128,20 @@ class RmServer:
         self.seg.release_views()
         self.seg.segment.close()
         self.flows.close()
+
+
+def run(config, replica: str) -> int:
+    server = RmServer(config, replica)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server.log.info(f"protecting {len(server.groups)} group(s): "
+                    + ", ".join(f"{g}->r{server.targets[g]} at {ge.frequency_hz} Hz"
+                                for g, ge in server.groups.items()))
+    try:
+        while not stop.is_set():
+            server.run_once()
+            stop.wait(server.next_wakeup(time.monotonic()))
+    finally:
+        server.close()
+    return 0

@@ -15,6 +15,5 @@ def _entry(name: str, issue: str):
     return main
 
 
-rm_main = _entry("pico-rm", "RM")
 ctl_main = _entry("picoctl", "RM")
 sdn_main = _entry("pico-sdn", "SDN")

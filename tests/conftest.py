@@ -28,14 +28,16 @@ def free_port() -> int:
 
 def write_config(tmp_path: Path, *, replicas: int = 2, capacity: int = 4096, state_size: int = 64,
                  stripes: int = 64, lock_timeout_ms: int = 500, max_message_bytes: int = 1 << 20,
-                 heartbeat_ms: int = 50, metrics: bool = False, extra: str = ""):
+                 heartbeat_ms: int = 50, metrics: bool = False, extra: str = "",
+                 request_timeout_ms: int = 2000):
     """A cluster YAML with a unique name and free loopback ports; returns the loaded config."""
     name = f"t{os.getpid() % 100000}x{next(_names)}"
     lines = ["version: 1", "cluster:", f"  name: {name}", f"  shm_prefix: {SHM_PREFIX}",
              "flow_table:", f"  capacity: {capacity}", f"  state_size: {state_size}",
              f"  lock_stripes: {stripes}", f"  lock_timeout_ms: {lock_timeout_ms}",
              "control:", f"  max_message_bytes: {max_message_bytes}",
-             "  request_timeout_ms: 2000", f"  heartbeat_interval_ms: {heartbeat_ms}",
+             f"  request_timeout_ms: {request_timeout_ms}",
+             f"  heartbeat_interval_ms: {heartbeat_ms}",
              "replicas:"]
     for i in range(1, replicas + 1):
         lines += [f"  r{i}:", f"    id: {i}", f"    smm_endpoint: tcp://127.0.0.1:{free_port()}"]
@@ -144,7 +146,7 @@ def packet_bed(tmp_path):
     from pmm.core import Ingress, Releaser
     from pmm.store import PacketStore
     from shared.packets import GroupControl
-    cfg = write_config(tmp_path, extra=PACKET_GROUPS)
+    cfg = write_config(tmp_path, extra=PACKET_GROUPS, request_timeout_ms=300)
     store = PacketStore(cfg, "r1")
     known: dict = {}
     ingress = Ingress(store.seg, Classifier(cfg), lambda key, h: known.get(key))

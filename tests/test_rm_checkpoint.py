@@ -59,3 +59,96 @@ def test_a_committed_epoch_matches_the_backup_and_releases_the_output(packet_bed
         rm.close()
         mb.close()
         flows.close()
+
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from conftest import REPO  # noqa: E402
+
+
+def _traffic(ingress, mb, flows, n, first_id):
+    """n web packets through the middlebox, each updating its flow; their ids."""
+    ids = []
+    for i in range(n):
+        ingress.on_packet(first_id + i, ipv4("10.0.0.1", "10.0.1.1", 6, 41000 + i % 3, 80))
+    for _ in range(n):
+        pkt = mb.pkt_read(timeout=2)
+        st = flows.get_flow(pkt.key, create=True, group=pkt.group)
+        st[0] = (st[0] + 1) % 256
+        mb.pkt_write(pkt)
+        flows.put_flow(pkt.key, modified=True)
+        ids.append(pkt.packet_id)
+    return ids
+
+
+def _released(releaser, want, timeout=5.0):
+    """Drain until `want` packets left (awaiting the RM's commit), or fail."""
+    got, deadline = [], time.monotonic() + timeout
+    while len(got) < want:
+        got += releaser.drain()
+        assert time.monotonic() < deadline, f"only {len(got)} of {want} released"
+    return got
+
+
+def _held_for(releaser, seconds):
+    """Nothing leaves for `seconds` (the condition under test is an absence)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert releaser.drain() == []
+
+
+def test_pico_rm_process_holds_output_while_the_backup_hangs(packet_bed, smm_factory):
+    store, ingress, releaser, ctl, cfg, _ = packet_bed
+    smm_factory(cfg, "r1")
+    backup = smm_factory(cfg, "r2")
+    flows = attach_replica(cfg, "r1")
+    mb = attach_packets(store.name)
+    rm = subprocess.Popen([sys.executable, "-m", "rm", "--config", str(cfg.path), "--replica",
+                           "r1"], cwd=REPO)
+    try:
+        ids = _traffic(ingress, mb, flows, 6, 1)
+        out = _released(releaser, 6)
+        assert sorted(v.packet_id for v in out) == sorted(ids)
+        assert violations([{"g": v.group, "e": v.epoch, "c": v.committed, "b": v.buffering}
+                           for v in out]) == []
+        backup.proc.send_signal(signal.SIGSTOP)           # the backup hangs
+        _traffic(ingress, mb, flows, 4, 100)
+        _held_for(releaser, 0.2)                          # no ack, no release
+        backup.proc.send_signal(signal.SIGCONT)
+        out = _released(releaser, 4)
+        assert all(v.epoch <= v.committed for v in out)
+        assert rm.poll() is None
+    finally:
+        backup.proc.send_signal(signal.SIGCONT)
+        rm.send_signal(signal.SIGTERM)
+        assert rm.wait(10) == 0
+        mb.close()
+        flows.close()
+
+
+def test_a_dead_backup_leaves_the_group_unprotected_and_output_flowing(packet_bed, smm_factory):
+    store, ingress, releaser, ctl, cfg, _ = packet_bed
+    smm_factory(cfg, "r1")
+    backup = smm_factory(cfg, "r2")
+    flows = attach_replica(cfg, "r1")
+    mb = attach_packets(store.name)
+    rm = RmServer(cfg, "r1")
+    try:
+        backup.stop(signal.SIGKILL)
+        _traffic(ingress, mb, flows, 3, 1)
+        deadline = time.monotonic() + 10
+        while rm.groups[WEB].protected:
+            assert time.monotonic() < deadline
+            rm.run_once()
+            time.sleep(rm.next_wakeup(time.monotonic()))
+        out = _released(releaser, 3)                     # released once unprotected
+        assert {v.buffering for v in out} == {0}
+        assert int(store.seg.groups[1]["buffering"]) == 0
+        _traffic(ingress, mb, flows, 2, 50)              # and later output is not held
+        assert len(_released(releaser, 2)) == 2
+    finally:
+        rm.close()
+        mb.close()
+        flows.close()

@@ -1,0 +1,5 @@
+import sys
+
+from rm.main import main
+
+sys.exit(main())
