@@ -5,8 +5,9 @@
 - the flow table (a FlowClient): capture a group's dirty flows after it drained;
 - the target replica's SMM over ZeroMQ (shared.control.ControlClient): INSTALL, whose reply
   acknowledges epochs cumulatively.
-One thread serves every group in deadline order (rm.epochs.due_order). Sends are synchronous in
-this cut (one epoch in flight per group at a time); pipelining is the next step.
+One thread serves every group in deadline order (rm.epochs.due_order). Sends do not wait:
+INSTALLs go out on one asynchronous socket per target and their replies are collected at each
+pass, so a slow or dead backup delays none of the other groups, and epochs are pipelined.
 """
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ import time
 from shared import log as pico_log
 from shared import wire
 from shared.api import attach_replica
-from shared.control import ControlClient
-from shared.errors import ControlTimeout, WireError
+from shared.control import AsyncControl
 from shared.packets import attach_control, pkt_segment_name
 
 from .capture import capture, mark_captured, open_transactions
@@ -35,9 +35,10 @@ class RmServer:
         self.flows = attach_replica(config, replica, timeout=10.0, name="pico-rm")
         self.seg, self.ctl = attach_control(pkt_segment_name(c.shm_prefix, c.name, replica),
                                             timeout=10.0)
-        self.clients: dict[int, ControlClient] = {}
+        self.clients: dict[int, AsyncControl] = {}
         self.groups: dict[int, GroupEpochs] = {}
         self.captured: dict[tuple[int, int], object] = {}  # (group, epoch) -> records
+        self.sent: dict[int, int] = {}  # request seq -> group
         timeout_ms = config.control.request_timeout_ms
         now = time.monotonic()
         for gid, index in self.seg.active_groups().items():
@@ -47,7 +48,7 @@ class RmServer:
                 continue
             if target not in self.clients:
                 peer = config.replica_by_id(target)
-                self.clients[target] = ControlClient(peer.smm_endpoint, timeout_ms)
+                self.clients[target] = AsyncControl(peer.smm_endpoint)
             self.groups[gid] = GroupEpochs(gid, int(row["frequency_hz"]), now,
                                            epoch=int(row["epoch"]),
                                            committed=int(row["committed"]),
@@ -58,10 +59,11 @@ class RmServer:
     def run_once(self, now: float | None = None) -> None:
         """One pass over the groups that are due; carries out their actions."""
         now = time.monotonic() if now is None else now
+        self._collect_acks()
         table = self.flows.table
         for ge in due_order(list(self.groups.values())):
             if ge.state == "running" and now < ge.next_due and not ge.inflight:
-                continue
+                continue  # (the list is in deadline order, but in-flight groups need timeouts)
             acts = ge.step(now, self.ctl.quiescent(ge.group), open_transactions(table, ge.group))
             self._apply(ge, acts)
 
@@ -98,18 +100,28 @@ class RmServer:
         recs = self.captured.get((a.group, a.epoch))
         if recs is None:
             return
+        if a.retry:
+            self.log.warning(f"group={a.group} epoch {a.epoch}: no ack from replica "
+                             f"{self.targets[a.group]}, resending (try {a.retry})")
         body = wire.encode_install(self.replica.id, a.group, a.epoch, a.base,
                                    self.flows.state_size, recs)
-        try:
-            reply = self.clients[self.targets[a.group]].request(wire.INSTALL, body)
-        except ControlTimeout as e:
-            self.log.warning(f"group={a.group} epoch {a.epoch}: {e}; will retry")
-            return
-        except WireError as e:
-            self.log.warning(f"group={a.group} epoch {a.epoch} refused: {e}")
-            return
-        acked = wire.INSTALL_REPLY.unpack(reply.body)[2]
-        self._apply(ge, ge.on_ack(acked, time.monotonic()))
+        seq = self.clients[self.targets[a.group]].send(wire.INSTALL, body)
+        if seq is not None:
+            self.sent[seq] = a.group
+
+    def _collect_acks(self) -> None:
+        for client in self.clients.values():
+            for reply in client.poll():
+                group = self.sent.pop(reply.seq, None)
+                if group is None or group not in self.groups:
+                    continue  # a late reply to a request already answered or given up on
+                if reply.status != wire.OK:
+                    self.log.warning(f"group={group} INSTALL refused: "
+                                     f"{wire.ERROR_NAMES.get(reply.status, reply.status)}")
+                    continue
+                acked = wire.INSTALL_REPLY.unpack(reply.body)[2]
+                ge = self.groups[group]
+                self._apply(ge, ge.on_ack(acked, time.monotonic()))
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until some group needs us (an epoch ends, or an ack may have timed out)."""

@@ -94,3 +94,56 @@ def wait_until_serving(endpoint: str, proc=None, timeout: float = 30.0, what: st
                 if time.monotonic() > deadline:
                     raise ControlTimeout(f"{what} did not answer on {endpoint} within "
                                          f"{timeout:g} s") from None
+
+
+class AsyncControl:
+    """Requests without waiting: send() now, collect replies with poll(). For a sender that
+    must not stall on one slow peer (the RM pipelining checkpoints to several backups).
+
+    The caller owns timeouts and retries (it knows which requests are still unanswered);
+    reset() drops the socket, so a late reply to a request given up on is never taken for a new
+    one."""
+
+    def __init__(self, endpoint: str, context: zmq.Context | None = None,
+                 max_bytes: int = 256 * 1024 * 1024):
+        self.endpoint = endpoint
+        self.max_bytes = max_bytes
+        self._ctx = context or zmq.Context.instance()
+        self._seq = itertools.count((os.getpid() & 0xFFFF) << 32 | 1)
+        self._sock = None
+        self.reset()
+
+    def reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 64)  # a hung peer must not absorb unbounded memory
+        self._sock.connect(self.endpoint)
+
+    def send(self, type_: int, body: bytes = b"") -> int | None:
+        """Queue one request; its seq, or None if the peer's queue is full (try later)."""
+        seq = next(self._seq)
+        try:
+            self._sock.send_multipart([b"", wire.encode(type_, seq, body)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        return seq
+
+    def poll(self) -> list[wire.Message]:
+        """Every reply that has arrived (undecodable ones are skipped)."""
+        out = []
+        while True:
+            try:
+                parts = self._sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            try:
+                out.append(wire.decode(parts[-1], self.max_bytes))
+            except WireError:
+                continue
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
