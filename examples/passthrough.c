@@ -14,6 +14,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "pico.h"
 
@@ -40,13 +41,27 @@ int main(int argc, char **argv)
 
     pico_pkt_io *io = NULL;
     pico_ctx *flows = NULL;
-    int rc = pico_pkt_attach(argv[1], 2000, &io);
+    /* Started beside the SMM and the PMM (honcho starts a replica's processes together): wait
+     * up to 30 s for their segments to appear. */
+    int rc = PICO_E_MISSING;
+    for (int tries = 0; tries < 300 && !stop; tries++) {
+        rc = pico_pkt_attach(argv[1], 2000, &io);
+        if (rc == PICO_OK || (rc != PICO_E_MISSING && rc != PICO_E_STALE))
+            break;
+        usleep(100000);
+    }
+    for (int tries = 0; rc == PICO_OK && argc == 3 && tries < 300 && !stop; tries++) {
+        rc = pico_attach(argv[2], 2000, &flows);
+        if (rc == PICO_OK || (rc != PICO_E_MISSING && rc != PICO_E_STALE))
+            break;
+        usleep(100000);
+    }
     if (rc != PICO_OK) {
         fprintf(stderr, "passthrough: %s\n", pico_last_error());
         return 1;
     }
-    if (argc == 3 && (rc = pico_attach(argv[2], 2000, &flows)) != PICO_OK) {
-        fprintf(stderr, "passthrough: %s\n", pico_last_error());
+    if (argc == 3 && !flows) {
+        fprintf(stderr, "passthrough: no flow segment %s\n", argv[2]);
         pico_pkt_detach(io);
         return 1;
     }

@@ -37,14 +37,14 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        io = attach_packets(argv[1])
+        io = attach_packets(argv[1], timeout=30.0, wait=True)  # started beside the PMM
     except PicoError as e:
         print(f"passthrough: {e}", file=sys.stderr)
         return 1
     flows = None
     if len(argv) == 3:
         try:
-            flows = attach(argv[2])
+            flows = attach(argv[2], timeout=30.0, wait=True)
         except PicoError as e:
             print(f"passthrough: {e}", file=sys.stderr)
             io.close()

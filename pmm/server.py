@@ -69,7 +69,8 @@ class PmmServer:
         # The flow table tells which group an existing flow (e.g. one activated at failover)
         # belongs to; the SMM must be up first.
         try:
-            self.flows = attach_replica(config, replica, timeout=10.0, name="pico-pmm")
+            self.flows = attach_replica(config, replica, timeout=30.0, name="pico-pmm",
+                                        wait=True)
         except BaseException:
             self.store.close(unlink=True)  # leave nothing behind for a failed start
             raise

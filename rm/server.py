@@ -32,9 +32,10 @@ class RmServer:
         self.config = config
         self.replica = config.replica(replica)
         c = config.cluster
-        self.flows = attach_replica(config, replica, timeout=10.0, name="pico-rm")
+        # Started together with the SMM and the PMM (honcho): wait for their segments.
+        self.flows = attach_replica(config, replica, timeout=30.0, name="pico-rm", wait=True)
         self.seg, self.ctl = attach_control(pkt_segment_name(c.shm_prefix, c.name, replica),
-                                            timeout=10.0)
+                                            timeout=30.0, wait=True)
         self.clients: dict[int, AsyncControl] = {}
         self.groups: dict[int, GroupEpochs] = {}
         self.captured: dict[tuple[int, int], object] = {}  # (group, epoch) -> records

@@ -18,7 +18,7 @@ from . import abi
 from .errors import AttachError, FlowLockTimeout, SegmentCorrupt
 from .flowtable import FlowTable, Geometry
 from .locks import StripeLocks
-from .segment import Segment, attach_segment, proc_start_time, process_alive
+from .segment import Segment, attach_segment, proc_start_time, process_alive, wait_for_segment
 
 from .words import word_views
 
@@ -118,9 +118,12 @@ def _take_registry(sem, timeout: float, where: str) -> None:
                               "so retry") from None
 
 
-def attach(segment_name: str, timeout: float = 2.0, name: str = "") -> FlowClient:
-    """Attach to a flow segment by name; raises an AttachError subclass on any failure."""
-    seg = attach_segment(segment_name, abi.SEG_FLOWS, timeout)
+def attach(segment_name: str, timeout: float = 2.0, name: str = "",
+           wait: bool = False) -> FlowClient:
+    """Attach to a flow segment by name; raises an AttachError subclass on any failure.
+    wait=True waits up to `timeout` for the SMM to create the segment."""
+    seg = (wait_for_segment(segment_name, abi.SEG_FLOWS, timeout) if wait else
+           attach_segment(segment_name, abi.SEG_FLOWS, timeout))
     try:
         return FlowClient(seg, name)
     except BaseException:
@@ -128,11 +131,12 @@ def attach(segment_name: str, timeout: float = 2.0, name: str = "") -> FlowClien
         raise
 
 
-def attach_replica(config, replica: str, timeout: float = 2.0, name: str = "") -> FlowClient:
+def attach_replica(config, replica: str, timeout: float = 2.0, name: str = "",
+                   wait: bool = False) -> FlowClient:
     """Attach to the flow segment of `replica` in a loaded ClusterConfig."""
     config.replica(replica)  # a clear error for an unknown name
     return attach(flow_segment_name(config.cluster.shm_prefix, config.cluster.name, replica),
-                  timeout, name)
+                  timeout, name, wait)
 
 
 __all__ = ["attach", "attach_replica", "FlowClient", "flow_segment_name", "sem_prefix",

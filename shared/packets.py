@@ -25,7 +25,7 @@ import posix_ipc
 from . import abi
 from .errors import AttachError, PicoError
 from .rings import Ring
-from .segment import Segment, attach_segment, process_alive
+from .segment import Segment, attach_segment, process_alive, wait_for_segment
 
 from .words import word_views
 _FENCE = threading.Lock()
@@ -423,9 +423,11 @@ class GroupControl:
         self._out_bell.close()
 
 
-def attach_packets(segment_name: str, timeout: float = 2.0) -> PacketClient:
-    """Attach a middlebox to a replica's packet segment."""
-    seg = attach_segment(segment_name, abi.SEG_PACKETS, timeout)
+def attach_packets(segment_name: str, timeout: float = 2.0, wait: bool = False) -> PacketClient:
+    """Attach a middlebox to a replica's packet segment (wait=True: wait up to `timeout` for
+    the PMM to create it)."""
+    seg = (wait_for_segment(segment_name, abi.SEG_PACKETS, timeout) if wait else
+           attach_segment(segment_name, abi.SEG_PACKETS, timeout))
     try:
         return PacketClient(seg)
     except BaseException:
@@ -433,7 +435,9 @@ def attach_packets(segment_name: str, timeout: float = 2.0) -> PacketClient:
         raise
 
 
-def attach_control(segment_name: str, timeout: float = 2.0) -> tuple[PacketSegment, GroupControl]:
+def attach_control(segment_name: str, timeout: float = 2.0,
+                   wait: bool = False) -> tuple[PacketSegment, GroupControl]:
     """Attach as the group table's control writer (the RM, or a test in its place)."""
-    seg = PacketSegment(attach_segment(segment_name, abi.SEG_PACKETS, timeout))
+    seg = PacketSegment(wait_for_segment(segment_name, abi.SEG_PACKETS, timeout) if wait else
+                        attach_segment(segment_name, abi.SEG_PACKETS, timeout))
     return seg, GroupControl(seg)

@@ -187,6 +187,19 @@ def attach_segment(name: str, kind: int, timeout: float = 2.0,
             raise
 
 
+def wait_for_segment(name: str, kind: int, timeout: float = 30.0) -> Segment:
+    """attach_segment, waiting up to `timeout` for the owner to create (or re-create) the
+    segment: for processes that start together with their segment's owner (honcho)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return attach_segment(name, kind, max(0.1, deadline - time.monotonic()))
+        except (SegmentMissing, StaleOwner):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
 def _validate(name: str, mm: mmap.mmap, kind: int, timeout: float, abi_major: int) -> Segment:
     if len(mm) < abi.SEG_HEADER.itemsize:
         raise SegmentCorrupt(f"segment {name} is {len(mm)} bytes, smaller than its 128-byte "
