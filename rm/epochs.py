@@ -91,6 +91,9 @@ class GroupEpochs:
     stuck: int = 0
     commit_latencies: list[float] = field(default_factory=list)
     protected: bool = True
+    retries: int = 0
+    bytes_last: int = 0
+    commit_times: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.next_due = self.now + self.period
@@ -136,8 +139,11 @@ class GroupEpochs:
         for e in done:
             sent, _ = self.inflight.pop(e)
             self.commit_latencies.append(now - sent)
+        del self.commit_latencies[:-4096]
         if acked_epoch > self.committed:
             self.committed = acked_epoch
+            self.commit_times.append(now)
+            del self.commit_times[:-256]
             return [Commit(self.group, acked_epoch)]
         return []
 
@@ -152,9 +158,16 @@ class GroupEpochs:
                 self.inflight.clear()
                 return out + [Unprotect(self.group, e)]
             self.inflight[e] = (now, tries + 1)
+            self.retries += 1
             base = max((x for x in self.inflight if x < e), default=self.committed)
             out.append(Send(self.group, e, base, tries + 1))
         return out
+
+
+    def achieved_hz(self) -> float:
+        """Commits per second over the last (up to 256) commits."""
+        t = self.commit_times
+        return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0
 
 
 def due_order(groups: list[GroupEpochs]) -> list[GroupEpochs]:

@@ -106,6 +106,7 @@ class RmServer:
                              f"{self.targets[a.group]}, resending (try {a.retry})")
         body = wire.encode_install(self.replica.id, a.group, a.epoch, a.base,
                                    self.flows.state_size, recs)
+        ge.bytes_last = len(body)
         seq = self.clients[self.targets[a.group]].send(wire.INSTALL, body)
         if seq is not None:
             self.sent[seq] = a.group
@@ -144,17 +145,38 @@ class RmServer:
 
 
 def run(config, replica: str) -> int:
+    import zmq
+    from .control import RmControl
     server = RmServer(config, replica)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    control = RmControl(server, config.control.max_message_bytes)
+    ctx = zmq.Context()
+    sock = None
+    if server.replica.rm_endpoint:  # picoctl's peer
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(server.replica.rm_endpoint)
     server.log.info(f"protecting {len(server.groups)} group(s): "
                     + ", ".join(f"{g}->r{server.targets[g]} at {ge.frequency_hz} Hz"
                                 for g, ge in server.groups.items()))
     try:
         while not stop.is_set():
             server.run_once()
-            stop.wait(server.next_wakeup(time.monotonic()))
+            wait = server.next_wakeup(time.monotonic())
+            if sock is None:
+                stop.wait(wait)
+            elif sock.poll(int(wait * 1000), zmq.POLLIN):
+                parts = sock.recv_multipart()
+                envelope = [b""] if len(parts) > 2 and parts[1] == b"" else []
+                body = parts[1 + len(envelope):]
+                reply = (control.handle(body[0]) if len(body) == 1 else
+                         wire.error_reply(0, wire.ERR_BAD_ENVELOPE, "send one frame"))
+                sock.send_multipart([parts[0], *envelope, reply])
     finally:
+        if sock is not None:
+            sock.close(linger=0)
+        ctx.term()
         server.close()
     return 0

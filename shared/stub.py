@@ -15,5 +15,4 @@ def _entry(name: str, issue: str):
     return main
 
 
-ctl_main = _entry("picoctl", "RM")
 sdn_main = _entry("pico-sdn", "SDN")

@@ -33,8 +33,11 @@ HEADER_SIZE = HEADER.size  # 24
 PING, INSTALL, ACTIVATE, DUMP, STATS = 1, 2, 3, 4, 5
 REPLY_BIT = 0x80
 ERROR = 0xFF
+# The RM's control requests (picoctl): JSON bodies, JSON replies.
+GROUPS, SUSPEND, RESUME, GROUP_SET = 16, 17, 18, 19
 TYPE_NAMES = {PING: "ping", INSTALL: "install", ACTIVATE: "activate", DUMP: "dump",
-              STATS: "stats", ERROR: "error"}
+              STATS: "stats", GROUPS: "groups", SUSPEND: "suspend", RESUME: "resume",
+              GROUP_SET: "group_set", ERROR: "error"}
 
 # Status / error codes
 OK = 0

@@ -29,7 +29,7 @@ def free_port() -> int:
 def write_config(tmp_path: Path, *, replicas: int = 2, capacity: int = 4096, state_size: int = 64,
                  stripes: int = 64, lock_timeout_ms: int = 500, max_message_bytes: int = 1 << 20,
                  heartbeat_ms: int = 50, metrics: bool = False, extra: str = "",
-                 request_timeout_ms: int = 2000):
+                 request_timeout_ms: int = 2000, rm_endpoints: bool = False):
     """A cluster YAML with a unique name and free loopback ports; returns the loaded config."""
     name = f"t{os.getpid() % 100000}x{next(_names)}"
     lines = ["version: 1", "cluster:", f"  name: {name}", f"  shm_prefix: {SHM_PREFIX}",
@@ -43,6 +43,8 @@ def write_config(tmp_path: Path, *, replicas: int = 2, capacity: int = 4096, sta
         lines += [f"  r{i}:", f"    id: {i}", f"    smm_endpoint: tcp://127.0.0.1:{free_port()}"]
         if metrics:
             lines.append(f"    metrics_port: {free_port()}")
+        if rm_endpoints:
+            lines.append(f"    rm_endpoint: tcp://127.0.0.1:{free_port()}")
     path = tmp_path / f"{name}.yaml"
     path.write_text("\n".join(lines) + "\n" + extra)
     return load_config(path)

@@ -1,0 +1,109 @@
+"""The RM's control endpoint (picoctl's peer): requests in, JSON replies out, no sockets here.
+
+RmControl.handle(frame) -> reply frame, like the SMM's service: every request is validated
+first, and bad input gets an error reply and is counted. Requests:
+  PING, STATS             the replica's groups with their figures
+  GROUPS                  the same, shorter
+  SUSPEND / RESUME        {"group": G}: hold or release the group's input (operator action)
+  GROUP_SET               {"group": G, "frequency_hz": F?, "buffering": B?}
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+
+import numpy as np
+
+from shared import wire
+from shared.errors import WireError
+from shared.packets import PacketError
+
+
+class RmControl:
+    def __init__(self, server, max_bytes: int):
+        self.server = server
+        self.max_bytes = max_bytes
+        self.started = time.monotonic()
+        self.requests: Counter = Counter()
+        self.errors: Counter = Counter()
+
+    def handle(self, frame: bytes) -> bytes:
+        seq = wire.peek_seq(frame)
+        try:
+            msg = wire.decode(frame, self.max_bytes)
+            handler = {wire.PING: self._ping, wire.STATS: self._stats, wire.GROUPS: self._stats,
+                       wire.SUSPEND: self._suspend, wire.RESUME: self._resume,
+                       wire.GROUP_SET: self._set}.get(msg.type)
+            if handler is None:
+                raise WireError(wire.ERR_UNKNOWN_TYPE, f"the RM does not serve request type "
+                                f"{msg.type}; it serves ping, stats, groups, suspend, resume, "
+                                "group_set")
+            self.requests[wire.TYPE_NAMES[msg.type]] += 1
+            body = handler(wire.parse_json_body(msg.body))
+            return wire.encode(msg.type | wire.REPLY_BIT, msg.seq, wire.json_body(body))
+        except (WireError, PacketError) as e:
+            code = e.code if isinstance(e, WireError) else wire.ERR_BAD_BODY
+            self.errors[wire.ERROR_NAMES.get(code, str(code))] += 1
+            return wire.error_reply(seq, code, str(e))
+
+    def _group(self, req: dict) -> int:
+        g = req.get("group")
+        if not isinstance(g, int) or isinstance(g, bool):
+            raise WireError(wire.ERR_BAD_BODY, "'group' must be a group id (an integer)")
+        if g not in self.server.seg.active_groups():
+            raise WireError(wire.ERR_BAD_BODY, f"no group {g} on this replica; known: "
+                            f"{sorted(self.server.seg.active_groups())}")
+        return g
+
+    def _ping(self, req: dict) -> dict:
+        return {"replica": self.server.replica.name, "pid": os.getpid(),
+                "uptime_s": round(time.monotonic() - self.started, 3)}
+
+    def _stats(self, req: dict) -> dict:
+        rows = []
+        for row in self.server.seg.group_stats():
+            ge = self.server.groups.get(row["id"])
+            if ge is not None:
+                lat = np.array(ge.commit_latencies[-1000:]) * 1000 if ge.commit_latencies \
+                    else np.array([0.0])
+                row.update({"protected": ge.protected, "configured_hz": ge.frequency_hz,
+                            "achieved_hz": round(ge.achieved_hz(), 1),
+                            "commit_p50_ms": round(float(np.percentile(lat, 50)), 3),
+                            "commit_p99_ms": round(float(np.percentile(lat, 99)), 3),
+                            "inflight": len(ge.inflight), "stuck": ge.stuck,
+                            "retries": ge.retries, "bytes_last": ge.bytes_last})
+            rows.append(row)
+        return {"replica": self.server.replica.name, "groups": rows,
+                "requests": dict(self.requests), "errors": dict(self.errors)}
+
+    def _suspend(self, req: dict) -> dict:
+        g = self._group(req)
+        self.server.ctl.suspend(g)
+        return {"group": g, "suspended": True}
+
+    def _resume(self, req: dict) -> dict:
+        g = self._group(req)
+        self.server.ctl.resume(g)
+        return {"group": g, "suspended": False}
+
+    def _set(self, req: dict) -> dict:
+        g = self._group(req)
+        unknown = set(req) - {"group", "frequency_hz", "buffering"}
+        if unknown:
+            raise WireError(wire.ERR_BAD_BODY, f"group_set: unknown field(s) {sorted(unknown)}")
+        if "frequency_hz" in req:
+            f = req["frequency_hz"]
+            if not isinstance(f, int) or isinstance(f, bool) or not 10 <= f <= 20000:
+                raise WireError(wire.ERR_BAD_BODY, "frequency_hz must be an integer 10..20000")
+            ge = self.server.groups.get(g)
+            if ge is None:
+                raise WireError(wire.ERR_BAD_BODY, f"group {g} is not protected here: it has "
+                                "no checkpoint frequency")
+            ge.frequency_hz = f
+        if "buffering" in req:
+            b = req["buffering"]
+            if not isinstance(b, bool):
+                raise WireError(wire.ERR_BAD_BODY, "buffering must be true or false")
+            self.server.ctl.set_buffering(g, b)
+        return {"group": g, **{k: v for k, v in req.items() if k != "group"}}

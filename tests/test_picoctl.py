@@ -1,0 +1,77 @@
+"""picoctl against a live pico-rm process (real ZeroMQ, real shared memory)."""
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PACKET_GROUPS, REPO, free_port, write_config
+from pmm.store import PacketStore
+from rm.ctl import main as picoctl
+from shared import wire
+from shared.control import ControlClient, wait_until_serving
+
+
+@pytest.fixture
+def live_rm(tmp_path, smm_factory):
+    cfg = write_config(tmp_path, extra=PACKET_GROUPS, rm_endpoints=True)
+    store = PacketStore(cfg, "r1")  # stands in for r1's PMM
+    smm_factory(cfg, "r1")
+    smm_factory(cfg, "r2")
+    rm = subprocess.Popen([sys.executable, "-m", "rm", "--config", str(cfg.path), "--replica",
+                           "r1"], cwd=REPO)
+    wait_until_serving(cfg.replica("r1").rm_endpoint, rm, 30, "pico-rm")
+    yield cfg, store
+    rm.send_signal(signal.SIGTERM)
+    assert rm.wait(10) == 0
+    store.close()
+
+
+def ctl(cfg, *args):
+    return picoctl(["--config", str(cfg.path), "--replica", "r1", *args])
+
+
+def test_groups_table_and_json(live_rm, capsys):
+    cfg, store = live_rm
+    assert ctl(cfg, "groups") == 0
+    out = capsys.readouterr().out
+    assert "group" in out.splitlines()[0] and "p99 ms" in out
+    assert ctl(cfg, "--json", "stats") == 0
+    stats = json.loads(capsys.readouterr().out)
+    web = next(g for g in stats["groups"] if g["id"] == 1)
+    assert web["protected"] is True and web["configured_hz"] == 1000
+    assert web["committed"] >= 0
+
+
+def test_suspend_resume_and_set(live_rm, capsys):
+    cfg, store = live_rm
+    row = store.seg.groups[2]  # dns
+    assert ctl(cfg, "suspend", "2") == 0 and int(row["suspended"]) == 1
+    assert ctl(cfg, "resume", "2") == 0 and int(row["suspended"]) == 0
+    assert ctl(cfg, "group", "set", "1", "--frequency", "200", "--buffering", "off") == 0
+    assert int(store.seg.groups[1]["buffering"]) == 0
+    capsys.readouterr()
+    assert ctl(cfg, "--json", "stats") == 0
+    web = next(g for g in json.loads(capsys.readouterr().out)["groups"] if g["id"] == 1)
+    assert web["configured_hz"] == 200
+
+
+def test_bad_requests_get_clear_errors(live_rm, capsys):
+    cfg, _ = live_rm
+    assert ctl(cfg, "suspend", "99") == 1
+    assert "no group 99" in capsys.readouterr().err
+    assert ctl(cfg, "suspend", "0") == 1                       # the default group
+    assert "never suspended" in capsys.readouterr().err
+    assert ctl(cfg, "group", "set", "1", "--frequency", "5") == 1
+    assert "10..20000" in capsys.readouterr().err
+    with ControlClient(cfg.replica("r1").rm_endpoint) as c:
+        reply = c.request_raw(b"garbage")
+        assert reply.status == wire.ERR_TRUNCATED
+        assert c.request(wire.PING).status == wire.OK          # still serving
+
+
+def test_an_rm_that_does_not_answer_times_out_clearly(capsys):
+    assert picoctl(["--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "200",
+                    "groups"]) == 3
+    assert "no reply from" in capsys.readouterr().err
