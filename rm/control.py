@@ -79,11 +79,13 @@ class RmControl:
 
     def _suspend(self, req: dict) -> dict:
         g = self._group(req)
+        self.server.operator_suspended.add(g)  # checkpoints go on; their resumes skip it
         self.server.ctl.suspend(g)
         return {"group": g, "suspended": True}
 
     def _resume(self, req: dict) -> dict:
         g = self._group(req)
+        self.server.operator_suspended.discard(g)
         self.server.ctl.resume(g)
         return {"group": g, "suspended": False}
 

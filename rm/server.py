@@ -40,6 +40,7 @@ class RmServer:
         self.groups: dict[int, GroupEpochs] = {}
         self.captured: dict[tuple[int, int], object] = {}  # (group, epoch) -> records
         self.sent: dict[int, int] = {}  # request seq -> group
+        self.operator_suspended: set[int] = set()  # picoctl suspend: epochs must not resume it
         timeout_ms = config.control.request_timeout_ms
         now = time.monotonic()
         for gid, index in self.seg.active_groups().items():
@@ -80,7 +81,8 @@ class RmServer:
             elif isinstance(a, OpenEpoch):
                 self.ctl.open_epoch(g, a.epoch)
             elif isinstance(a, Resume):
-                self.ctl.resume(g)
+                if g not in self.operator_suspended:
+                    self.ctl.resume(g)
             elif isinstance(a, Send):
                 self._send(ge, a)
             elif isinstance(a, Commit):

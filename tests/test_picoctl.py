@@ -1,6 +1,7 @@
 """picoctl against a live pico-rm process (real ZeroMQ, real shared memory)."""
 import json
 import signal
+import time
 import subprocess
 import sys
 
@@ -48,6 +49,11 @@ def test_suspend_resume_and_set(live_rm, capsys):
     cfg, store = live_rm
     row = store.seg.groups[2]  # dns
     assert ctl(cfg, "suspend", "2") == 0 and int(row["suspended"]) == 1
+    committed = int(row["committed"])
+    deadline = time.monotonic() + 5
+    while int(row["committed"]) < committed + 3:   # epochs go on while it is suspended...
+        assert time.monotonic() < deadline
+    assert int(row["suspended"]) == 1              # ...and none of them resumed it
     assert ctl(cfg, "resume", "2") == 0 and int(row["suspended"]) == 0
     assert ctl(cfg, "group", "set", "1", "--frequency", "200", "--buffering", "off") == 0
     assert int(store.seg.groups[1]["buffering"]) == 0
