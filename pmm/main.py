@@ -6,32 +6,22 @@ send packets there (see sdn/testbed.py).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from shared import log as pico_log
-from shared.config import DEFAULT_CONFIG, load_config
-from shared.errors import PicoError
+from shared.cli import replica_main
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pico-pmm", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="cluster YAML")
-    ap.add_argument("--replica", required=True, help="this replica's name in the config")
+def _options(ap) -> None:
     ap.add_argument("--audit", metavar="FILE",
                     help="append one JSON line per released packet (group, epoch tag, committed "
                          "epoch, buffering): the output-commit invariant checker reads it")
-    args = ap.parse_args(argv)
-    pico_log.setup()
-    try:
-        config = load_config(args.config)
-        config.replica(args.replica)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def run(config, replica, audit=None):
         from pmm.server import run
-        return run(config, args.replica, args.audit)
-    except (PicoError, OSError) as e:
-        print(f"pico-pmm: {e}", file=sys.stderr)
-        return 1
+        return run(config, replica, audit)
+    return replica_main("pico-pmm", __doc__, argv, run, _options)
 
 
 if __name__ == "__main__":

@@ -8,29 +8,16 @@ rest of the RM issue.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from shared import log as pico_log
-from shared.config import DEFAULT_CONFIG, load_config
-from shared.errors import PicoError
+from shared.cli import replica_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pico-rm", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="cluster YAML")
-    ap.add_argument("--replica", required=True, help="this replica's name in the config")
-    args = ap.parse_args(argv)
-    pico_log.setup()
-    try:
-        config = load_config(args.config)
-        config.replica(args.replica)
+    def run(config, replica):
         from rm.server import run
-        return run(config, args.replica)
-    except (PicoError, OSError) as e:
-        print(f"pico-rm: {e}", file=sys.stderr)
-        return 1
+        return run(config, replica)
+    return replica_main("pico-rm", __doc__, argv, run)
 
 
 if __name__ == "__main__":
