@@ -46,6 +46,10 @@ class RmControl:
             code = e.code if isinstance(e, WireError) else wire.ERR_BAD_BODY
             self.errors[wire.ERROR_NAMES.get(code, str(code))] += 1
             return wire.error_reply(seq, code, str(e))
+        except Exception as e:  # a bug must not take the RM (and so the replica) down
+            self.errors["internal"] += 1
+            return wire.error_reply(seq, wire.ERR_INTERNAL, f"internal error: "
+                                    f"{type(e).__name__}: {e}")
 
     def _group(self, req: dict) -> int:
         g = req.get("group")

@@ -112,9 +112,10 @@ class GroupEpochs:
         if self.state == RUNNING:
             if now >= self.next_due and len(self.inflight) < self.max_inflight:
                 self.state, self.suspended_at = DRAINING, now
+                # Observations made before the suspension are stale: judge quiescence only
+                # at a later step, after the shell has stored `suspended` (pico_abi.h).
                 actions.append(Suspend(self.group))
-            else:
-                return actions
+            return actions
         # DRAINING: take the epoch as soon as the group is quiet
         if quiescent and open_transactions == 0:
             e = self.epoch

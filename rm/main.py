@@ -2,9 +2,9 @@
 
 Runs the checkpoint epochs of every protected group of the replica (a group with a target in
 the config): suspend, drain, capture the modified flows, resume, INSTALL them on the target's
-SMM, and commit on its ack so the PMM releases the group's output. Start it after the replica's
-pico-smm and pico-pmm. Runtime group changes, picoctl, metrics and pipelined sends come with the
-rest of the RM issue.
+SMM, and commit on its ack so the PMM releases the group's output. It waits up to 30 s for the
+replica's SMM and PMM segments. Sends are pipelined; picoctl talks to it on rm_endpoint.
+Runtime group create/delete, flow moves and metrics come with the rest of the RM issue.
 """
 from __future__ import annotations
 

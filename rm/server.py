@@ -48,6 +48,8 @@ class RmServer:
             target = int(row["target"])
             if gid == 0 or not target or not int(row["protected_"]):
                 continue
+            if target == self.replica.id:
+                continue  # the config lists every group in every replica: ours back up others
             if target not in self.clients:
                 peer = config.replica_by_id(target)
                 self.clients[target] = AsyncControl(peer.smm_endpoint)

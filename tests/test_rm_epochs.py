@@ -14,17 +14,20 @@ def test_nothing_before_the_epoch_ends():
 
 def test_a_full_epoch_in_the_papers_order():
     grp = g()
-    acts = grp.step(0.001, quiescent=True, open_transactions=0)
-    assert acts == [Suspend(7), Capture(7, 1), OpenEpoch(7, 2), Resume(7), Send(7, 1, 0, 0)]
+    # The suspension comes first, alone: quiescence seen before it proves nothing.
+    assert grp.step(0.001, quiescent=True, open_transactions=0) == [Suspend(7)]
+    acts = grp.step(0.0011, quiescent=True, open_transactions=0)
+    assert acts == [Capture(7, 1), OpenEpoch(7, 2), Resume(7), Send(7, 1, 0, 0)]
     assert grp.epoch == 2 and grp.committed == 0
     assert grp.on_ack(1, 0.0013) == [Commit(7, 1)]
-    assert grp.committed == 1 and abs(grp.commit_latencies[0] - 0.0003) < 1e-9
+    assert grp.committed == 1 and abs(grp.commit_latencies[0] - 0.0002) < 1e-9  # sent at 1.1 ms
 
 
 def test_waits_for_quiescence_and_open_transactions():
     grp = g()
-    assert grp.step(0.001, quiescent=False) == [Suspend(7)]
-    assert grp.step(0.0011, quiescent=True, open_transactions=2) == []
+    assert grp.step(0.001, quiescent=True) == [Suspend(7)]
+    assert grp.step(0.0011, quiescent=False) == []
+    assert grp.step(0.00115, quiescent=True, open_transactions=2) == []
     acts = grp.step(0.0012, quiescent=True, open_transactions=0)
     assert acts[0] == Capture(7, 1) and Resume(7) in acts
 
@@ -45,18 +48,21 @@ def test_sends_are_pipelined_and_acks_cumulative():
     t = 0.0
     for _ in range(5):
         t += 0.001
-        sends += [a for a in grp.step(t) if isinstance(a, Send)]
+        grp.step(t)                       # suspend
+        sends += [a for a in grp.step(t + 0.0001) if isinstance(a, Send)]
     # three epochs in flight, then it stops suspending until acks come back
     assert [(s.epoch, s.base) for s in sends] == [(1, 0), (2, 1), (3, 2)]
     assert grp.on_ack(3, t) == [Commit(7, 3)] and grp.inflight == {}
     assert grp.on_ack(2, t) == []  # a late, smaller ack changes nothing
     t += 0.001
-    assert any(isinstance(a, Send) and a.epoch == 4 and a.base == 3 for a in grp.step(t))
+    grp.step(t)
+    assert any(isinstance(a, Send) and a.epoch == 4 and a.base == 3 for a in grp.step(t + 1e-4))
 
 
 def test_retries_then_unprotects_when_the_backup_is_gone():
     grp = g(ack_timeout=0.1, max_retries=2)
     grp.step(0.001)
+    grp.step(0.0011)
     retries = []
     t = 0.001
     for _ in range(40):
