@@ -140,6 +140,9 @@ class RmServer:
         return max(0.0, min(soonest - now, 0.5))
 
     def close(self) -> None:
+        for g, ge in self.groups.items():  # never leave a group suspended mid-drain
+            if ge.state != "running" and g not in self.operator_suspended:
+                self.ctl.resume(g)
         for c in self.clients.values():
             c.close()
         self.ctl.close()
