@@ -65,3 +65,16 @@ def checksums_ok(pkt: bytes) -> bool:
         proto, l4 = pkt[6], pkt[40:]
         pseudo = pkt[8:40] + len(l4).to_bytes(4, "big") + bytes([0, 0, 0, proto])
     return ref_checksum(pseudo + l4) == 0
+
+
+# The flows the packet tests use: web (tcp/80), dns (udp/53) and other (udp/9999, no policy).
+def web(i: int, payload: bytes = b"x") -> bytes:
+    return ipv4("10.0.0.1", "10.0.1.1", 6, 40000 + i, 80, payload)
+
+
+def dns(i: int) -> bytes:
+    return ipv4("10.0.0.1", "10.0.1.1", 17, 5000 + i, 53, b"q")
+
+
+def other(i: int) -> bytes:
+    return ipv4("10.0.0.1", "10.0.1.1", 17, 7000 + i, 9999, b"o")

@@ -13,7 +13,7 @@ import pytest
 
 from pmm.core import ACCEPT, DROP, QUEUED, SEND
 from pmm.parse import parse
-from pktbuild import ipv4
+from pktbuild import dns, other, web
 from shared import abi
 from shared.errors import AttachError
 from shared.packets import attach_packets
@@ -38,18 +38,6 @@ def tools(cbuild):
                           text=True)
     assert proc.returncode == 0, f"make -C examples failed:\n{proc.stdout}\n{proc.stderr}"
     return cbuild
-
-
-def web(i, payload=b"x"):
-    return ipv4("10.0.0.1", "10.0.1.1", 6, 40000 + i, 80, payload)
-
-
-def dns(i):
-    return ipv4("10.0.0.1", "10.0.1.1", 17, 5000 + i, 53, b"q")
-
-
-def other(i):
-    return ipv4("10.0.0.1", "10.0.1.1", 17, 7000 + i, 9999, b"o")
 
 
 def feed(store, ingress, packet_id, data):

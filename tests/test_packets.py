@@ -8,7 +8,7 @@ import pytest
 
 from pmm.audit import violations
 from pmm.core import ACCEPT, DROP, DROP_FULL, QUEUED, SEND
-from pktbuild import ipv4
+from pktbuild import dns, other, web
 from shared import abi
 from shared.packets import attach_packets
 
@@ -22,18 +22,6 @@ def env(packet_bed):
     mb = attach_packets(store.name)
     yield store, ingress, releaser, mb, ctl, known
     mb.close()
-
-
-def web(i, payload=b"x"):
-    return ipv4("10.0.0.1", "10.0.1.1", 6, 40000 + i, 80, payload)
-
-
-def dns(i):
-    return ipv4("10.0.0.1", "10.0.1.1", 17, 5000 + i, 53, b"q")
-
-
-def other(i):
-    return ipv4("10.0.0.1", "10.0.1.1", 17, 7000 + i, 9999, b"o")
 
 
 def test_ingress_classifies_new_flows_and_reuses_known_ones(env):
