@@ -56,7 +56,6 @@
 #define _GNU_SOURCE
 #endif
 #include <arpa/inet.h>
-#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <semaphore.h>
@@ -71,9 +70,10 @@
 #include "pico.h"
 
 #define EXIT_NOTFOUND 3
-#define EXIT_USAGE 2
 
 static const char *prog = "flowtool";
+
+#include "toolutil.h"
 
 static void usage(void)
 {
@@ -109,18 +109,6 @@ static int fail_exit(int rc)
     }
     fprintf(stderr, "%s: %s: %s\n", prog, pico_strerror(rc), pico_last_error());
     return -rc + 10;
-}
-
-static unsigned long parse_ulong(const char *s, unsigned long max, const char *what)
-{
-    char *end;
-    errno = 0;
-    unsigned long v = strtoul(s, &end, 0);
-    if (errno || end == s || *end || v > max || s[0] == '-') {
-        fprintf(stderr, "%s: bad %s '%s' (0..%lu)\n", prog, what, s, max);
-        exit(EXIT_USAGE);
-    }
-    return v;
 }
 
 static uint8_t parse_proto(const char *s)
@@ -399,25 +387,12 @@ int main(int argc, char **argv)
             usage();
         pico_flow_key key;
         parse_key(a, &key);
-        const char *hex = a[5];
-        size_t hl = strlen(hex);
-        if (hl % 2)
-            die_usage("HEX '%s' has an odd number of digits", hex);
-        size_t nb = hl / 2;
-        uint8_t *bytes = malloc(nb ? nb : 1);
-        for (size_t i = 0; i < nb; i++) {
-            unsigned int v;
-            char two[3] = {hex[2 * i], hex[2 * i + 1], 0};
-            char *end;
-            v = (unsigned int)strtoul(two, &end, 16);
-            if (*end || !isxdigit((unsigned char)two[0]))
-                die_usage("bad HEX '%s'", hex);
-            bytes[i] = (uint8_t)v;
-        }
+        uint32_t nb;
+        uint8_t *bytes = parse_hex(a[5], &nb);
         uint32_t group = na == 7 ? (uint32_t)parse_ulong(a[6], 0xFFFFFFFFul, "group") : 0;
         pico_ctx *ctx = attach_or_exit(seg, 0);
         if (nb > pico_state_size(ctx)) {
-            fprintf(stderr, "%s: HEX is %zu bytes but the segment's state_size is %u\n", prog, nb,
+            fprintf(stderr, "%s: HEX is %u bytes but the segment's state_size is %u\n", prog, nb,
                     pico_state_size(ctx));
             pico_detach(ctx);
             free(bytes);

@@ -33,9 +33,10 @@
 
 #include "pico.h"
 
-#define EXIT_USAGE 2
 
 static const char *prog = "pkttool";
+
+#include "toolutil.h"
 
 static void usage(void)
 {
@@ -52,52 +53,6 @@ static int fail_exit(int rc)
 {
     fprintf(stderr, "%s: %s: %s\n", prog, pico_strerror(rc), pico_last_error());
     return -rc + 10;
-}
-
-static unsigned long parse_ulong(const char *s, unsigned long max, const char *what)
-{
-    char *end;
-    errno = 0;
-    unsigned long v = strtoul(s, &end, 0);
-    if (errno || end == s || *end || v > max || s[0] == '-') {
-        fprintf(stderr, "%s: bad %s '%s' (0..%lu)\n", prog, what, s, max);
-        exit(EXIT_USAGE);
-    }
-    return v;
-}
-
-static int hexval(int c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
-/* Decodes HEX into a malloc'd buffer; exits on bad input. */
-static uint8_t *parse_hex(const char *s, uint32_t *len)
-{
-    size_t n = strlen(s);
-    if (n % 2) {
-        fprintf(stderr, "%s: odd-length hex '%s'\n", prog, s);
-        exit(EXIT_USAGE);
-    }
-    uint8_t *b = malloc(n / 2 + 1);
-    if (!b)
-        exit(1);
-    for (size_t i = 0; i < n / 2; i++) {
-        int hi = hexval(s[2 * i]), lo = hexval(s[2 * i + 1]);
-        if (hi < 0 || lo < 0) {
-            fprintf(stderr, "%s: bad hex '%s'\n", prog, s);
-            exit(EXIT_USAGE);
-        }
-        b[i] = (uint8_t)(hi << 4 | lo);
-    }
-    *len = (uint32_t)(n / 2);
-    return b;
 }
 
 static void print_packet(const pico_packet *p)
