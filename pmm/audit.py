@@ -10,6 +10,12 @@ import json
 from typing import Iterable
 
 
+def record(verdict) -> dict:
+    """The audit line of one released pmm.core.Verdict."""
+    return {"g": verdict.group, "e": verdict.epoch, "c": verdict.committed,
+            "b": verdict.buffering, "id": verdict.packet_id}
+
+
 def violations(records: Iterable[dict]) -> list[dict]:
     """The released packets that broke output commit."""
     return [r for r in records if r["b"] and r["e"] > r["c"]]

@@ -24,6 +24,7 @@ from shared.errors import PicoError
 from shared.flowtable import ACTIVE, STANDBY
 from shared.packets import IN_WAITING, OUT_WAITING, Doorbell
 
+from .audit import record as audit_record
 from .checksum import fix_checksums
 from .classify import Classifier
 from .core import DROP, QUEUED, SEND, Ingress, Releaser
@@ -169,8 +170,7 @@ class PmmServer:
                     errors += 1
                     self.log.warning(f"verdict for packet {v.packet_id} failed: {e}")
                 if self._audit and v.action != DROP:
-                    self._audit.write(json.dumps({"g": v.group, "e": v.epoch, "c": v.committed,
-                                                  "b": v.buffering, "id": v.packet_id}) + "\n")
+                    self._audit.write(json.dumps(audit_record(v)) + "\n")
             c = self.seg.counters
             c["released"] = int(c["released"]) + released
             c["raw_sent"] = int(c["raw_sent"]) + raw

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pmm.audit import violations
+from pmm.audit import record, violations
 from pmm.core import ACCEPT, DROP, DROP_FULL, QUEUED, SEND
 from pktbuild import dns, other, web
 from shared import abi
@@ -107,8 +107,7 @@ def test_output_held_until_commit_then_released_in_order(env):
     assert [(v.action, v.packet_id, v.epoch) for v in out] == [(ACCEPT, 1, 1), (ACCEPT, 2, 1)]
     ctl.commit(WEB, 2)
     assert [v.packet_id for v in rel.drain()] == [3, 4]
-    assert violations([{"g": v.group, "e": v.epoch, "c": v.committed, "b": v.buffering}
-                       for v in out]) == []
+    assert violations([record(v) for v in out]) == []
 
 
 def test_buffering_disabled_releases_at_once(env):

@@ -2,9 +2,11 @@
 SMM, the ack commits it, and only then does the held output leave (real SMM processes, real
 shared memory; the packet segment stands in for r1's PMM in this process)."""
 import struct
+
+import pytest
 import time
 
-from pmm.audit import violations
+from pmm.audit import record, violations
 from pktbuild import ipv4
 from rm.server import RmServer
 from shared.api import attach_replica
@@ -40,8 +42,7 @@ def test_a_committed_epoch_matches_the_backup_and_releases_the_output(packet_bed
             rm.run_once()
         out = releaser.drain()
         assert len(out) == 10 and {v.epoch for v in out} == {1}
-        assert violations([{"g": v.group, "e": v.epoch, "c": v.committed, "b": v.buffering}
-                           for v in out]) == []
+        assert violations([record(v) for v in out]) == []
         assert int(store.seg.groups[1]["epoch"]) >= 2  # later epochs are open (pipelined)
         with attach_replica(cfg, "r2") as backup:     # r2's standby state = r1's committed state
             for key in set(keys):
@@ -99,20 +100,29 @@ def _held_for(releaser, seconds):
         assert releaser.drain() == []
 
 
-def test_pico_rm_process_holds_output_while_the_backup_hangs(packet_bed, smm_factory):
-    store, ingress, releaser, ctl, cfg, _ = packet_bed
+@pytest.fixture
+def pair(packet_bed, smm_factory):
+    """r1 (SMM, a packet segment in place of its PMM, an in-process middlebox) and its
+    backup r2's SMM: (store, ingress, releaser, cfg, backup, flows, mb)."""
+    store, ingress, releaser, _, cfg, _ = packet_bed
     smm_factory(cfg, "r1")
     backup = smm_factory(cfg, "r2")
     flows = attach_replica(cfg, "r1")
     mb = attach_packets(store.name)
+    yield store, ingress, releaser, cfg, backup, flows, mb
+    mb.close()
+    flows.close()
+
+
+def test_pico_rm_process_holds_output_while_the_backup_hangs(pair):
+    store, ingress, releaser, cfg, backup, flows, mb = pair
     rm = subprocess.Popen([sys.executable, "-m", "rm", "--config", str(cfg.path), "--replica",
                            "r1"], cwd=REPO)
     try:
         ids = _traffic(ingress, mb, flows, 6, 1)
         out = _released(releaser, 6)
         assert sorted(v.packet_id for v in out) == sorted(ids)
-        assert violations([{"g": v.group, "e": v.epoch, "c": v.committed, "b": v.buffering}
-                           for v in out]) == []
+        assert violations([record(v) for v in out]) == []
         backup.proc.send_signal(signal.SIGSTOP)           # the backup hangs
         _traffic(ingress, mb, flows, 4, 100)
         _held_for(releaser, 0.2)                          # no ack, no release
@@ -124,16 +134,10 @@ def test_pico_rm_process_holds_output_while_the_backup_hangs(packet_bed, smm_fac
         backup.proc.send_signal(signal.SIGCONT)
         rm.send_signal(signal.SIGTERM)
         assert rm.wait(10) == 0
-        mb.close()
-        flows.close()
 
 
-def test_a_dead_backup_leaves_the_group_unprotected_and_output_flowing(packet_bed, smm_factory):
-    store, ingress, releaser, ctl, cfg, _ = packet_bed
-    smm_factory(cfg, "r1")
-    backup = smm_factory(cfg, "r2")
-    flows = attach_replica(cfg, "r1")
-    mb = attach_packets(store.name)
+def test_a_dead_backup_leaves_the_group_unprotected_and_output_flowing(pair):
+    store, ingress, releaser, cfg, backup, flows, mb = pair
     rm = RmServer(cfg, "r1")
     try:
         backup.stop(signal.SIGKILL)
@@ -150,8 +154,6 @@ def test_a_dead_backup_leaves_the_group_unprotected_and_output_flowing(packet_be
         assert len(_released(releaser, 2)) == 2
     finally:
         rm.close()
-        mb.close()
-        flows.close()
 
 
 def test_a_dead_backup_does_not_delay_another_group(tmp_path, smm_factory):
