@@ -22,7 +22,7 @@ from shared.control import AsyncControl
 from shared.packets import attach_control, pkt_segment_name
 
 from .capture import capture, mark_captured, open_transactions
-from .epochs import (Capture, Commit, GroupEpochs, OpenEpoch, Resume, Send, Stuck, Suspend,
+from .epochs import (RUNNING, Capture, Commit, GroupEpochs, OpenEpoch, Resume, Send, Stuck, Suspend,
                      Unprotect, due_order)
 
 
@@ -66,9 +66,13 @@ class RmServer:
         self._collect_acks()
         table = self.flows.table
         for ge in due_order(list(self.groups.values())):
-            if ge.state == "running" and now < ge.next_due and not ge.inflight:
+            if ge.state == RUNNING and now < ge.next_due and not ge.inflight:
                 continue  # (the list is in deadline order, but in-flight groups need timeouts)
-            acts = ge.step(now, self.ctl.quiescent(ge.group), open_transactions(table, ge.group))
+            if ge.state == RUNNING:
+                acts = ge.step(now)  # a suspending step judges nothing (rm/epochs.py)
+            else:  # draining: observe only now, after the suspension was stored
+                acts = ge.step(now, self.ctl.quiescent(ge.group),
+                               open_transactions(table, ge.group))
             self._apply(ge, acts)
 
     def _apply(self, ge: GroupEpochs, actions) -> None:
@@ -135,13 +139,13 @@ class RmServer:
             return 0.5
         soonest = min(g.next_due for g in self.groups.values() if g.protected) \
             if any(g.protected for g in self.groups.values()) else now + 0.5
-        if any(g.state != "running" for g in self.groups.values()):
+        if any(g.state != RUNNING for g in self.groups.values()):
             return 0.0002  # draining: look again soon
         return max(0.0, min(soonest - now, 0.5))
 
     def close(self) -> None:
         for g, ge in self.groups.items():  # never leave a group suspended mid-drain
-            if ge.state != "running" and g not in self.operator_suspended:
+            if ge.state != RUNNING and g not in self.operator_suspended:
                 self.ctl.resume(g)
         for c in self.clients.values():
             c.close()
