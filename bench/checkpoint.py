@@ -4,9 +4,9 @@ INSTALL on the backup's SMM -> ack) p50/p99, and the RM's CPU per checkpoint. Be
 the same run, the whole-box baseline: one group holding every flow, checkpointed at once.
 
 Real parts: two pico-smm processes (r1 and its backup r2) and the RM's own code (RmServer, one
-thread) in this process; a packet segment stands in for r1's PMM. Between passes, a tenth of
-each group's flows is marked modified, as a middlebox would (this process is the only writer,
-so no transaction is open while the RM captures).
+thread) in this process; a packet segment stands in for r1's PMM. Between passes, flows picked
+at random across the groups are marked modified at UPDATES_PER_S, as a middlebox would (this
+process is the only writer, so no transaction is open while the RM captures).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from bench.report import result
 
 REPO = Path(__file__).resolve().parents[1]
 FLOWS_PER_GROUP = 100
+UPDATES_PER_S = 20000  # flow updates per second: about what one Python middlebox sustains
 
 
 def _port() -> int:
@@ -73,19 +74,28 @@ def _run(tmp: Path, n_groups: int, freq: int, seconds: float, flows_per_group: i
                 k = make_key(f"10.{g}.{i // 250}.{i % 250 + 1}", 1000 + i, "192.0.2.1", 80, 6)
                 flows.get_flow(k, create=True, group=g)
                 flows.put_flow(k)
-        slots = flows.table.slots
+        slots, stripes = flows.table.slots, flows.table.stripes
+        sps = flows.table.g.slots_per_stripe
         live = np.flatnonzero(slots["status"] == 1)
         rng = np.random.default_rng(1)
         rm = RmServer(cfg, "r1")
         cpu0, t0 = time.process_time(), time.monotonic()
+        marked = t0
         while time.monotonic() - t0 < seconds:
-            dirty = rng.choice(live, size=max(1, len(live) // 10), replace=False)
+            # flows change at a middlebox's pace (UPDATES_PER_S), whatever the pass rate
+            now = time.monotonic()
+            n = min(len(live), int((now - marked) * UPDATES_PER_S))
+            if n == 0:
+                rm.run_once()
+                rm.wait()
+                continue
+            marked = now
+            dirty = rng.choice(live, size=n, replace=False)
             slots["modified"][dirty] = 1
             slots["version"][dirty] += 1
+            stripes["dirty"][np.unique(dirty // sps)] = 1  # as put_flow does (pico_abi.h)
             rm.run_once()
-            wait = rm.next_wakeup(time.monotonic())
-            if wait > 0:
-                time.sleep(wait)
+            rm.wait()
         cpu = time.process_time() - cpu0
         lat = np.concatenate([np.array(ge.commit_latencies) for ge in rm.groups.values()]) * 1e3
         commits = sum(ge.committed for ge in rm.groups.values())

@@ -93,6 +93,8 @@ class Ingress:
                 counts.add("malformed", 1)
             group = abi.GROUP_DEFAULT
         else:
+            if self.index.refresh():
+                self.cache.clear()  # groups changed, or the RM moved flows between groups
             group = self.cache.get(p.key)
             if group is None:
                 group = self.flow_group(p.key, p.flow_hash)

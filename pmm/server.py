@@ -28,6 +28,7 @@ from .audit import record as audit_record
 from .checksum import fix_checksums
 from .classify import Classifier
 from .core import DROP, QUEUED, SEND, Ingress, Releaser
+from .metrics import PmmMetrics, port_for
 from .store import PacketStore
 
 SWEEP_INTERVAL_S = 0.05
@@ -67,9 +68,11 @@ class PmmServer:
         self.replica = config.replica(replica)
         self.store = PacketStore(config, replica)
         self.seg = self.store.seg
-        # The flow table tells which group an existing flow (e.g. one activated at failover)
-        # belongs to; the SMM must be up first.
         try:
+            # Prometheus on metrics_port+1 (pmm/metrics.py); a taken port fails the start.
+            self.metrics = PmmMetrics(replica, port_for(self.replica.metrics_port), self.seg)
+            # The flow table tells which group an existing flow (e.g. one activated at
+            # failover) belongs to; the SMM must be up first.
             self.flows = attach_replica(config, replica, timeout=30.0, name="pico-pmm",
                                         wait=True)
         except BaseException:
@@ -264,6 +267,7 @@ class PmmServer:
         self.raw.close()
         if self._audit:
             self._audit.close()
+        self.metrics.close()
         self.flows.close()
         self.store.close(unlink=True)
         self.log.info("stopped; packet segment removed")

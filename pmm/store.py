@@ -43,7 +43,11 @@ class PacketStore:
             self._init_group(groups[0], abi.GROUP_DEFAULT, 0, 0, False)
             for i, g in enumerate(config.groups.values(), start=1):
                 target = config.replica(g.target).id if g.target else 0
-                self._init_group(groups[i], g.id, g.frequency_hz, target, g.buffering)
+                # Every replica's table lists every group; where this replica is the group's
+                # own backup, nothing can protect it here: unprotected, output not held.
+                mine = target == self.replica.id
+                self._init_group(groups[i], g.id, g.frequency_hz, target,
+                                 g.buffering and not mine, protected=not mine)
             del desc, groups
             self.bells = []
             for name in doorbell_names(self.sem_prefix):
@@ -61,14 +65,15 @@ class PacketStore:
         seg.publish()
 
     @staticmethod
-    def _init_group(row, gid: int, freq: int, target: int, buffering: bool) -> None:
+    def _init_group(row, gid: int, freq: int, target: int, buffering: bool,
+                    protected: bool = True) -> None:
         """The control line as the config says; state ACTIVE written last."""
         row["id"] = gid
         row["frequency_hz"] = freq
         row["target"] = target
         row["buffering"] = int(buffering)
         row["suspended"] = 0
-        row["protected_"] = int(bool(target))
+        row["protected_"] = int(bool(target) and protected)
         row["epoch"] = 1
         row["committed"] = 0
         row["state"] = abi.GROUP_ACTIVE

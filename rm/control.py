@@ -5,7 +5,12 @@ first, and bad input gets an error reply and is counted. Requests:
   PING, STATS             the replica's groups with their figures
   GROUPS                  the same, shorter
   SUSPEND / RESUME        {"group": G}: hold or release the group's input (operator action)
-  GROUP_SET               {"group": G, "frequency_hz": F?, "buffering": B?}
+  GROUP_SET               {"group": G, "frequency_hz": F?, "buffering": B?, "target": R?}
+  GROUP_CREATE            {"group": G, "frequency_hz": F?, "target": R?, "buffering": B?}
+  GROUP_DELETE            {"group": G}: its flows join the default group
+  FLOWS                   {"group": G?, "limit": N?}
+  MOVE                    {"key": HEX, "group": G}
+The changes themselves are rm.admin's.
 """
 from __future__ import annotations
 
@@ -19,10 +24,13 @@ from shared import wire
 from shared.errors import WireError
 from shared.packets import PacketError
 
+from .admin import Admin
+
 
 class RmControl:
     def __init__(self, server, max_bytes: int):
         self.server = server
+        self.admin = Admin(server)
         self.max_bytes = max_bytes
         self.started = time.monotonic()
         self.requests: Counter = Counter()
@@ -34,11 +42,13 @@ class RmControl:
             msg = wire.decode(frame, self.max_bytes)
             handler = {wire.PING: self._ping, wire.STATS: self._stats, wire.GROUPS: self._stats,
                        wire.SUSPEND: self._suspend, wire.RESUME: self._resume,
-                       wire.GROUP_SET: self._set}.get(msg.type)
+                       wire.GROUP_SET: self._set, wire.GROUP_CREATE: self._create,
+                       wire.GROUP_DELETE: self._delete, wire.FLOWS: self._flows,
+                       wire.MOVE: self._move}.get(msg.type)
             if handler is None:
                 raise WireError(wire.ERR_UNKNOWN_TYPE, f"the RM does not serve request type "
                                 f"{msg.type}; it serves ping, stats, groups, suspend, resume, "
-                                "group_set")
+                                "group_set, group_create, group_delete, flows, move")
             self.requests[wire.TYPE_NAMES[msg.type]] += 1
             body = handler(wire.parse_json_body(msg.body))
             return wire.encode(msg.type | wire.REPLY_BIT, msg.seq, wire.json_body(body))
@@ -60,6 +70,12 @@ class RmControl:
                             f"{sorted(self.server.seg.active_groups())}")
         return g
 
+    def _replica_name(self, rid: int) -> str | None:
+        for rep in self.server.config.replicas.values():
+            if rep.id == rid:
+                return rep.name
+        return None if not rid else str(rid)
+
     def _ping(self, req: dict) -> dict:
         return {"replica": self.server.replica.name, "pid": os.getpid(),
                 "uptime_s": round(time.monotonic() - self.started, 3)}
@@ -68,6 +84,9 @@ class RmControl:
         rows = []
         for row in self.server.seg.group_stats():
             ge = self.server.groups.get(row["id"])
+            row["protected"] = bool(row["protected"])
+            peer = self._replica_name(row["target"])
+            row["target"] = peer
             if ge is not None:
                 lat = np.array(ge.commit_latencies[-1000:]) * 1000 if ge.commit_latencies \
                     else np.array([0.0])
@@ -76,7 +95,8 @@ class RmControl:
                             "commit_p50_ms": round(float(np.percentile(lat, 50)), 3),
                             "commit_p99_ms": round(float(np.percentile(lat, 99)), 3),
                             "inflight": len(ge.inflight), "stuck": ge.stuck,
-                            "retries": ge.retries, "bytes_last": ge.bytes_last})
+                            "retries": ge.retries, "bytes_last": ge.bytes_last,
+                            "resyncs": ge.resyncs})
             rows.append(row)
         return {"replica": self.server.replica.name, "groups": rows,
                 "requests": dict(self.requests), "errors": dict(self.errors)}
@@ -95,21 +115,20 @@ class RmControl:
 
     def _set(self, req: dict) -> dict:
         g = self._group(req)
-        unknown = set(req) - {"group", "frequency_hz", "buffering"}
+        return self.admin.set(g, **{k: v for k, v in req.items() if k != "group"})
+
+    def _create(self, req: dict) -> dict:
+        unknown = set(req) - {"group", "frequency_hz", "target", "buffering"}
         if unknown:
-            raise WireError(wire.ERR_BAD_BODY, f"group_set: unknown field(s) {sorted(unknown)}")
-        if "frequency_hz" in req:
-            f = req["frequency_hz"]
-            if not isinstance(f, int) or isinstance(f, bool) or not 10 <= f <= 20000:
-                raise WireError(wire.ERR_BAD_BODY, "frequency_hz must be an integer 10..20000")
-            ge = self.server.groups.get(g)
-            if ge is None:
-                raise WireError(wire.ERR_BAD_BODY, f"group {g} is not protected here: it has "
-                                "no checkpoint frequency")
-            ge.frequency_hz = f
-        if "buffering" in req:
-            b = req["buffering"]
-            if not isinstance(b, bool):
-                raise WireError(wire.ERR_BAD_BODY, "buffering must be true or false")
-            self.server.ctl.set_buffering(g, b)
-        return {"group": g, **{k: v for k, v in req.items() if k != "group"}}
+            raise WireError(wire.ERR_BAD_BODY, f"group_create: unknown field(s) {sorted(unknown)}")
+        return self.admin.create(req.get("group"), req.get("frequency_hz", 1000),
+                                 req.get("target"), req.get("buffering", True))
+
+    def _delete(self, req: dict) -> dict:
+        return self.admin.delete(self._group(req))
+
+    def _flows(self, req: dict) -> dict:
+        return self.admin.flows(req.get("group"), req.get("limit", 100))
+
+    def _move(self, req: dict) -> dict:
+        return self.admin.move(req.get("key"), req.get("group"))

@@ -4,9 +4,13 @@
       groups | stats                 the replica's groups: frequency configured and achieved,
                                      commit latency p50/p99, held output, last acked epoch...
       suspend G | resume G           hold or release group G's input
-      group set G [--frequency HZ] [--buffering on|off]
+      group create G [--frequency HZ] [--target R|none] [--buffering on|off]
+      group delete G                 its flows join the default group (unprotected)
+      group set G [--frequency HZ] [--target R|none] [--buffering on|off]
+      flows [--group G] [--limit N]  the replica's active flows
+      move FLOW G                    FLOW: 'tcp 10.0.0.1:1234 10.0.0.2:80' or a hex key
 
-Runtime group create/delete, flows and move come with the rest of the RM issue.
+Exit status: 0 done, 1 refused (the message says why), 2 usage, 3 the replica did not answer.
 """
 from __future__ import annotations
 
@@ -18,19 +22,56 @@ from shared import wire
 from shared.config import DEFAULT_CONFIG, load_config
 from shared.control import ControlClient
 from shared.errors import ControlTimeout, PicoError, WireError
+from shared.flowkey import KEY_SIZE, parse_key_spec
 
 COLUMNS = [("id", "group"), ("protected", "prot"), ("configured_hz", "cfg Hz"),
            ("achieved_hz", "got Hz"), ("commit_p50_ms", "p50 ms"), ("commit_p99_ms", "p99 ms"),
            ("held", "held"), ("committed", "acked"), ("epoch", "epoch"), ("suspended", "susp"),
-           ("buffering", "buf"), ("bytes_last", "bytes"), ("retries", "retries")]
+           ("buffering", "buf"), ("target", "target"), ("bytes_last", "bytes"),
+           ("retries", "retries")]
+FLOW_COLUMNS = [("flow", "flow"), ("group", "group"), ("version", "version"),
+                ("modified", "dirty"), ("ckpt_epoch", "ckpt epoch")]
 
 
-def table(groups: list[dict]) -> str:
-    rows = [[h for _, h in COLUMNS]]
+def table(groups: list[dict], columns=COLUMNS) -> str:
+    rows = [[h for _, h in columns]]
     for g in groups:
-        rows.append(["" if g.get(k) is None else str(g.get(k, "")) for k, _ in COLUMNS])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+        rows.append(["" if g.get(k) is None else str(g.get(k, "")) for k, _ in columns])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def flow_key(spec: str) -> str:
+    """A flow as picoctl takes it -> the hex key the RM expects."""
+    s = spec.strip()
+    if len(s) == 2 * KEY_SIZE and all(c in "0123456789abcdefABCDEF" for c in s):
+        return s.lower()
+    return parse_key_spec(s).hex()
+
+
+def request(args) -> tuple[int, dict]:
+    """The wire request for the parsed command line."""
+    if args.cmd in ("groups", "stats"):
+        return wire.STATS, {}
+    if args.cmd in ("suspend", "resume"):
+        return (wire.SUSPEND if args.cmd == "suspend" else wire.RESUME), {"group": args.group}
+    if args.cmd == "flows":
+        body = {"limit": args.limit}
+        if args.group is not None:
+            body["group"] = args.group
+        return wire.FLOWS, body
+    if args.cmd == "move":
+        return wire.MOVE, {"key": flow_key(args.flow), "group": args.group}
+    if args.gcmd == "delete":
+        return wire.GROUP_DELETE, {"group": args.group}
+    body = {"group": args.group}
+    if args.frequency is not None:
+        body["frequency_hz"] = args.frequency
+    if args.target is not None:
+        body["target"] = args.target
+    if args.buffering is not None:
+        body["buffering"] = args.buffering == "on"
+    return (wire.GROUP_CREATE if args.gcmd == "create" else wire.GROUP_SET), body
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,16 +82,28 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--replica", help="replica name in the config (uses its rm_endpoint)")
     where.add_argument("--endpoint", help="the RM's endpoint, e.g. tcp://127.0.0.1:7201")
     ap.add_argument("--json", action="store_true", help="print the reply as JSON")
-    ap.add_argument("--timeout", type=int, default=2000, help="milliseconds to wait")
+    ap.add_argument("--timeout", type=int, default=5000,
+                    help="milliseconds to wait (an operator change may wait up to 4 s for "
+                    "its groups to go quiet)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("groups")
     sub.add_parser("stats")
     for name in ("suspend", "resume"):
         sub.add_parser(name).add_argument("group", type=int)
-    gset = sub.add_parser("group").add_subparsers(dest="gcmd", required=True).add_parser("set")
-    gset.add_argument("group", type=int)
-    gset.add_argument("--frequency", type=int)
-    gset.add_argument("--buffering", choices=["on", "off"])
+    gsub = sub.add_parser("group").add_subparsers(dest="gcmd", required=True)
+    for name in ("create", "set"):
+        p = gsub.add_parser(name)
+        p.add_argument("group", type=int)
+        p.add_argument("--frequency", type=int)
+        p.add_argument("--target", help="replica name, or 'none'")
+        p.add_argument("--buffering", choices=["on", "off"])
+    gsub.add_parser("delete").add_argument("group", type=int)
+    fl = sub.add_parser("flows")
+    fl.add_argument("--group", type=int)
+    fl.add_argument("--limit", type=int, default=100)
+    mv = sub.add_parser("move")
+    mv.add_argument("flow", help="'tcp 10.0.0.1:1234 10.0.0.2:80' (quoted) or a hex key")
+    mv.add_argument("group", type=int)
     args = ap.parse_args(argv)
 
     try:
@@ -62,17 +115,11 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 2
             endpoint = rep.rm_endpoint
-        if args.cmd in ("groups", "stats"):
-            type_, body = wire.STATS, {}
-        elif args.cmd in ("suspend", "resume"):
-            type_ = wire.SUSPEND if args.cmd == "suspend" else wire.RESUME
-            body = {"group": args.group}
-        else:
-            type_, body = wire.GROUP_SET, {"group": args.group}
-            if args.frequency is not None:
-                body["frequency_hz"] = args.frequency
-            if args.buffering is not None:
-                body["buffering"] = args.buffering == "on"
+        try:
+            type_, body = request(args)
+        except ValueError as e:
+            print(f"picoctl: {e}", file=sys.stderr)
+            return 2
         with ControlClient(endpoint, timeout_ms=args.timeout) as c:
             reply = json.loads(c.request(type_, wire.json_body(body)).body)
     except ControlTimeout as e:
@@ -85,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(reply, indent=2))
     elif args.cmd in ("groups", "stats"):
         print(table(reply["groups"]))
+    elif args.cmd == "flows":
+        print(table(reply["flows"], FLOW_COLUMNS))
+        print(f"{len(reply['flows'])} of {reply['total']} flow(s)")
     else:
         print(" ".join(f"{k}={v}" for k, v in reply.items()))
     return 0

@@ -1,13 +1,17 @@
-"""The RM's shell (issue 4, first cut): carries out GroupEpochs' actions against the real parts.
+"""The RM's shell: carries out GroupEpochs' actions against the real parts.
 
 - the group table's control line (shared.packets.GroupControl): suspend, resume, open the next
-  epoch, commit;
-- the flow table (a FlowClient): capture a group's dirty flows after it drained;
-- the target replica's SMM over ZeroMQ (shared.control.ControlClient): INSTALL, whose reply
-  acknowledges epochs cumulatively.
-One thread serves every group in deadline order (rm.epochs.due_order). Sends do not wait:
-INSTALLs go out on one asynchronous socket per target and their replies are collected at each
-pass, so a slow or dead backup delays none of the other groups, and epochs are pipelined.
+  epoch, commit, and the protection settings;
+- the flow table (a FlowClient): capture the drained groups' dirty flows;
+- the target replicas' SMMs over ZeroMQ (shared.control.AsyncControl): INSTALL_BATCH, whose
+  reply rows acknowledge each group's epochs cumulatively;
+- the controller (rm.events): a group left unprotected, or protected again.
+
+One thread serves every group. A pass steps each group that is due (deadlines sit on a grid,
+so groups of one frequency are due together), then captures every group that drained in ONE
+read of the table, then sends one INSTALL_BATCH per target. Sends never wait: replies are
+collected at the next pass, so a slow or dead backup delays none of the other groups, and
+epochs are pipelined. Operator changes (rm.admin) run between passes.
 """
 from __future__ import annotations
 
@@ -23,11 +27,12 @@ from shared.packets import attach_control, pkt_segment_name
 
 from .capture import capture, mark_captured, open_transactions
 from .epochs import (RUNNING, Capture, Commit, GroupEpochs, OpenEpoch, Resume, Send, Stuck, Suspend,
-                     Unprotect, due_order)
+                     Unprotect)
+from .events import ControllerEvents
 
 
 class RmServer:
-    def __init__(self, config, replica: str):
+    def __init__(self, config, replica: str, metrics: bool = True):
         self.log = pico_log.get_logger("rm", replica=replica)
         self.config = config
         self.replica = config.replica(replica)
@@ -36,119 +41,238 @@ class RmServer:
         self.flows = attach_replica(config, replica, timeout=30.0, name="pico-rm", wait=True)
         self.seg, self.ctl = attach_control(pkt_segment_name(c.shm_prefix, c.name, replica),
                                             timeout=30.0, wait=True)
-        self.clients: dict[int, AsyncControl] = {}
-        self.groups: dict[int, GroupEpochs] = {}
-        self.captured: dict[tuple[int, int], object] = {}  # (group, epoch) -> records
-        self.sent: dict[int, int] = {}  # request seq -> group
-        self.operator_suspended: set[int] = set()  # picoctl suspend: epochs must not resume it
-        timeout_ms = config.control.request_timeout_ms
+        self.max_bytes = config.control.max_message_bytes
+        self.clients: dict[int, AsyncControl] = {}     # target replica id -> its SMM
+        self.groups: dict[int, GroupEpochs] = {}       # the groups this RM protects
+        self.targets: dict[int, int] = {}              # group -> target replica id
+        self.buffering: dict[int, bool] = {}           # wanted while protected
+        self.captured: dict[int, dict[int, tuple]] = {}  # group -> epoch -> (records, full)
+        self.sent: dict[int, int] = {}                 # request seq -> target
+        self.outbox: dict[int, list[bytes]] = {}       # target -> INSTALL bodies of this pass
+        self.moved_out: dict[int, list[tuple[bytes, int]]] = {}  # group -> (key, version)
+        self.operator_suspended: set[int] = set()      # picoctl suspend: epochs must not resume
+        self.held: set[int] = set()  # an operator change holds the group: epochs run, no resume
+        self.unprotected_total = 0
+        self.events = ControllerEvents(config.control.controller_endpoint, self.log,
+                                       retry_s=config.control.request_timeout_ms / 1000.0)
         now = time.monotonic()
         for gid, index in self.seg.active_groups().items():
             row = self.seg.groups[index]
             target = int(row["target"])
-            if gid == 0 or not target or not int(row["protected_"]):
-                continue
-            if target == self.replica.id:
-                continue  # the config lists every group in every replica: ours back up others
-            if target not in self.clients:
-                peer = config.replica_by_id(target)
-                self.clients[target] = AsyncControl(peer.smm_endpoint)
-            self.groups[gid] = GroupEpochs(gid, int(row["frequency_hz"]), now,
-                                           epoch=int(row["epoch"]),
-                                           committed=int(row["committed"]),
-                                           ack_timeout=timeout_ms / 1000.0)
-        self.targets = {gid: int(self.seg.groups[self.seg.active_groups()[gid]]["target"])
-                        for gid in self.groups}
+            self.buffering[gid] = bool(int(row["buffering"]))
+            if gid and target and target != self.replica.id and int(row["protected_"]):
+                self.protect(gid, target, int(row["frequency_hz"]), now)
+        self.metrics = None
+        if metrics:
+            from .metrics import RmMetrics, port_for
+            self.metrics = RmMetrics(replica, port_for(self.replica.metrics_port), self)
 
+    # ---------------------------------------------------------------- protection
+    def client(self, target: int) -> AsyncControl:
+        if target not in self.clients:
+            self.clients[target] = AsyncControl(self.config.replica_by_id(target).smm_endpoint)
+        return self.clients[target]
+
+    def forget(self, group: int) -> GroupEpochs | None:
+        """Stop running the group's epochs (its protection words are the caller's)."""
+        ge = self.groups.pop(group, None)
+        self.targets.pop(group, None)
+        self.captured.pop(group, None)
+        self.moved_out.pop(group, None)
+        if ge is not None and ge.state != RUNNING and group not in self.held \
+                and group not in self.operator_suspended:
+            self.ctl.resume(group)  # it was suspended mid-drain
+        return ge
+
+    def protect(self, group: int, target: int, frequency_hz: int, now: float) -> GroupEpochs:
+        """Start (or restart) checkpointing `group` to replica `target`. The first epoch is
+        a FULL snapshot: we do not know what the target holds."""
+        self.forget(group)
+        self.client(target)
+        row = self.seg.groups[self.ctl.index(group)]
+        ge = GroupEpochs(group, frequency_hz, now, epoch=int(row["epoch"]),
+                         committed=int(row["committed"]), resync=True,
+                         ack_timeout=self.config.control.request_timeout_ms / 1000.0)
+        self.groups[group], self.targets[group] = ge, target
+        self.ctl.set_control(group, target=target, protected_=1)
+        return ge
+
+    def _unprotect(self, ge: GroupEpochs, reason: str) -> None:
+        """Release the group's held output, stop holding it, mark it unprotected, tell the
+        controller. It stays unprotected until an operator gives it a (new) target."""
+        g = ge.group
+        target = self.targets.get(g, 0)
+        self.ctl.set_buffering(g, False)
+        self.ctl.commit(g, ge.epoch)          # everything written so far may leave
+        self.ctl.set_control(g, protected_=0)
+        self.forget(g)
+        self.unprotected_total += 1
+        peer = self.config.replica_by_id(target) if target else None
+        self.log.error(f"group={g} unprotected: {reason}; held output released")
+        self.events.report("group_unprotected", replica=self.replica.name, group=g,
+                           target=peer.name if peer else None, epoch=ge.epoch,
+                           committed=ge.committed, reason=reason)
+
+    # ---------------------------------------------------------------- the pass
     def run_once(self, now: float | None = None) -> None:
-        """One pass over the groups that are due; carries out their actions."""
+        """One pass: acks in, due groups stepped, drained groups captured together, sends out."""
         now = time.monotonic() if now is None else now
         self._collect_acks()
-        table = self.flows.table
-        for ge in due_order(list(self.groups.values())):
-            if ge.state == RUNNING and now < ge.next_due and not ge.inflight:
-                continue  # (the list is in deadline order, but in-flight groups need timeouts)
+        self.events.pump(now)
+        plans, txns = [], None
+        for ge in list(self.groups.values()):
             if ge.state == RUNNING:
+                if now < ge.next_due and now < ge.timeout_at:
+                    continue
                 acts = ge.step(now)  # a suspending step judges nothing (rm/epochs.py)
             else:  # draining: observe only now, after the suspension was stored
-                acts = ge.step(now, self.ctl.quiescent(ge.group),
-                               open_transactions(table, ge.group))
+                if txns is None:
+                    txns = open_transactions(self.flows.table)
+                acts = ge.step(now, self.ctl.quiescent(ge.group), txns.get(ge.group, 0))
+            if acts:
+                plans.append((ge, acts))
+        takes = [a for _, acts in plans for a in acts if isinstance(a, Capture)]
+        if takes:
+            got = capture(self.flows.table, [a.group for a in takes],
+                          [a.group for a in takes if a.full])
+            for a in takes:
+                recs, slots = got[a.group]
+                mark_captured(self.flows.table, slots, a.epoch)
+                self.captured.setdefault(a.group, {})[a.epoch] = (self._with_moves(a.group, recs),
+                                                                  a.full)
+        for ge, acts in plans:
             self._apply(ge, acts)
+        self._flush()
+        self.ctl.ring_bells()  # one wake-up for the PMM and the middlebox per pass
+
+    def _with_moves(self, group: int, recs):
+        """Flows moved out of the group since its last epoch leave its backup as deletes."""
+        moved = self.moved_out.pop(group, None)
+        if not moved:
+            return recs
+        import numpy as np
+        extra = np.zeros(len(moved), dtype=recs.dtype)
+        for i, (key, version) in enumerate(moved):
+            extra[i]["key"] = np.frombuffer(key, np.uint8)
+            extra[i]["op"] = wire.OP_DELETE
+            extra[i]["version"] = version
+        return np.concatenate([recs, extra])
 
     def _apply(self, ge: GroupEpochs, actions) -> None:
         g = ge.group
         for a in actions:
             if isinstance(a, Suspend):
                 self.ctl.suspend(g)
-            elif isinstance(a, Capture):
-                recs, slots = capture(self.flows.table, g)
-                mark_captured(self.flows.table, slots, a.epoch)
-                self.captured[(g, a.epoch)] = recs
             elif isinstance(a, OpenEpoch):
                 self.ctl.open_epoch(g, a.epoch)
             elif isinstance(a, Resume):
-                if g not in self.operator_suspended:
-                    self.ctl.resume(g)
+                if g not in self.operator_suspended and g not in self.held:
+                    self.ctl.resume(g, ring=False)
             elif isinstance(a, Send):
-                self._send(ge, a)
+                self._queue(ge, a)
             elif isinstance(a, Commit):
-                self.ctl.commit(g, a.epoch)
-                for key in [k for k in self.captured if k[0] == g and k[1] <= a.epoch]:
-                    del self.captured[key]
+                self.ctl.commit(g, a.epoch, ring=False)
+                kept = self.captured.get(g)
+                if kept:
+                    for e in [e for e in kept if e <= a.epoch]:
+                        del kept[e]
             elif isinstance(a, Stuck):
                 self.log.warning(f"group={g} epoch {a.epoch} not taken: the group did not drain "
                                  f"in {ge.drain_timeout:g} s ({a.open_transactions} open "
                                  f"transaction(s), quiescent={a.quiescent})")
             elif isinstance(a, Unprotect):
-                self.log.error(f"group={g} backup replica {self.targets[g]} does not answer: "
-                               "group unprotected, held output released")
-                self.ctl.set_buffering(g, False)
-                self.ctl.commit(g, ge.epoch)
+                peer = self.config.replica_by_id(self.targets[g])
+                self._unprotect(ge, f"backup {peer.name} did not acknowledge epoch {a.epoch} "
+                                f"after {ge.max_retries} retries")
 
-    def _send(self, ge: GroupEpochs, a: Send) -> None:
-        recs = self.captured.get((a.group, a.epoch))
-        if recs is None:
+    def _queue(self, ge: GroupEpochs, a: Send) -> None:
+        got = self.captured.get(a.group, {}).get(a.epoch)
+        if got is None:
             return
+        recs, full = got
         if a.retry:
             self.log.warning(f"group={a.group} epoch {a.epoch}: no ack from replica "
                              f"{self.targets[a.group]}, resending (try {a.retry})")
         body = wire.encode_install(self.replica.id, a.group, a.epoch, a.base,
-                                   self.flows.state_size, recs)
+                                   self.flows.state_size, recs,
+                                   flags=wire.INSTALL_FULL if full else 0)
         ge.bytes_last = len(body)
-        seq = self.clients[self.targets[a.group]].send(wire.INSTALL, body)
-        if seq is not None:
-            self.sent[seq] = a.group
+        self.outbox.setdefault(self.targets[a.group], []).append(body)
+
+    def _flush(self) -> None:
+        """One INSTALL_BATCH per target (split to stay under max_message_bytes)."""
+        limit = self.max_bytes // 2
+        for target, bodies in self.outbox.items():
+            batch, size = [], 0
+            for body in bodies + [None]:
+                if body is None or (batch and size + len(body) > limit):
+                    seq = self.clients[target].send(wire.INSTALL_BATCH,
+                                                    wire.encode_install_batch(batch))
+                    if seq is not None:  # else the peer's queue is full: the retry resends
+                        self.sent[seq] = target
+                    batch, size = [], 0
+                if body is not None:
+                    batch.append(body)
+                    size += len(body) + 4
+        self.outbox.clear()
 
     def _collect_acks(self) -> None:
-        for client in self.clients.values():
+        for target, client in self.clients.items():
             for reply in client.poll():
-                group = self.sent.pop(reply.seq, None)
-                if group is None or group not in self.groups:
+                if self.sent.pop(reply.seq, None) is None:
                     continue  # a late reply to a request already answered or given up on
                 if reply.status != wire.OK:
-                    self.log.warning(f"group={group} INSTALL refused: "
+                    self.log.warning(f"INSTALL_BATCH refused by replica {target}: "
                                      f"{wire.ERROR_NAMES.get(reply.status, reply.status)}")
                     continue
-                acked = wire.INSTALL_REPLY.unpack(reply.body)[2]
-                ge = self.groups[group]
-                self._apply(ge, ge.on_ack(acked, time.monotonic()))
+                now = time.monotonic()
+                for group, status, fields in wire.decode_batch_reply(reply.body):
+                    ge = self.groups.get(group)
+                    if ge is None or self.targets.get(group) != target:
+                        continue
+                    if status == wire.OK:
+                        self._apply(ge, ge.on_ack(fields[2], now))
+                    # (bells are rung at the end of the pass)
+                    elif status == wire.ERR_EPOCH_GAP:
+                        self.log.warning(f"group={group} replica {target} lost the stream "
+                                         "(restarted?): resending the whole group")
+                        ge.on_gap(now)
+                    else:
+                        self.log.warning(f"group={group} INSTALL refused by replica {target}: "
+                                         f"{wire.ERROR_NAMES.get(status, status)}")
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until some group needs us (an epoch ends, or an ack may have timed out)."""
-        if not self.groups:
-            return 0.5
-        soonest = min(g.next_due for g in self.groups.values() if g.protected) \
-            if any(g.protected for g in self.groups.values()) else now + 0.5
-        if any(g.state != RUNNING for g in self.groups.values()):
+        groups = list(self.groups.values())
+        if any(g.state != RUNNING for g in groups):
             return 0.0002  # draining: look again soon
+        soonest = min((min(g.next_due, g.timeout_at) for g in groups), default=now + 0.5)
+        if self.events.pending:
+            soonest = min(soonest, now + 0.05)
         return max(0.0, min(soonest - now, 0.5))
+
+    def wait(self, extra: list | None = None) -> dict:
+        """Sleep until the next pass is due, an ack arrives, or a socket in `extra` (the
+        control endpoint) is readable; the ready sockets."""
+        import zmq
+        wait = self.next_wakeup(time.monotonic())
+        if wait < 0.001:  # zmq polls in whole milliseconds: sleep the short waits
+            time.sleep(wait)
+            wait = 0.0
+        poller = zmq.Poller()
+        for sock in [c._sock for c in self.clients.values()] + (extra or []):
+            poller.register(sock, zmq.POLLIN)
+        return dict(poller.poll(int(wait * 1000)))
 
     def close(self) -> None:
         for g, ge in self.groups.items():  # never leave a group suspended mid-drain
-            if ge.state != RUNNING and g not in self.operator_suspended:
+            if (ge.state != RUNNING or g in self.held) and g not in self.operator_suspended:
                 self.ctl.resume(g)
+        if self.metrics is not None:
+            self.metrics.close()
         for c in self.clients.values():
             c.close()
+        self.events.close()
         self.ctl.close()
         self.seg.release_views()
         self.seg.segment.close()
@@ -175,10 +299,8 @@ def run(config, replica: str) -> int:
     try:
         while not stop.is_set():
             server.run_once()
-            wait = server.next_wakeup(time.monotonic())
-            if sock is None:
-                stop.wait(wait)
-            elif sock.poll(int(wait * 1000), zmq.POLLIN):
+            ready = server.wait([sock] if sock is not None else [])
+            if sock is not None and sock in ready:
                 parts = sock.recv_multipart()
                 envelope = [b""] if len(parts) > 2 and parts[1] == b"" else []
                 body = parts[1 + len(envelope):]

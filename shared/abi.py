@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 ABI_MAJOR = 1
-ABI_MINOR = 1
+ABI_MINOR = 2
 
 MAGIC = int.from_bytes(b"PICOSEG1", "little")
 READY = int.from_bytes(b"REDY", "little")
@@ -106,7 +106,8 @@ STRIPE = _struct([
     ("live", "<u4", 16),
     ("tombstones", "<u4", 20),
     ("recoveries", "<u8", 24),
-    ("pad", ("u1", 32), 32),
+    ("dirty", "<u4", 32),
+    ("pad", ("u1", 28), 36),
 ], 64)
 
 FLOW_KEY = _struct([

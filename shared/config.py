@@ -71,6 +71,7 @@ class ControlConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     request_timeout_ms: int = 2000
     heartbeat_interval_ms: int = 100
+    controller_endpoint: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -278,6 +279,8 @@ CONTROL = Section({
     "max_message_bytes": Field(int, 16 * 1024 * 1024, in_range(1024, 268435456), "largest control message"),
     "request_timeout_ms": Field(int, 2000, in_range(10, 600000), "control request timeout"),
     "heartbeat_interval_ms": Field(int, 100, in_range(10, 10000), "heartbeat period"),
+    "controller_endpoint": Field(_OPT_STR, None, endpoint,
+                                 "where pico-sdn takes events from replicas (group unprotected...)"),
 }, ControlConfig)
 
 REPLICA = Section({
@@ -285,7 +288,8 @@ REPLICA = Section({
     "smm_endpoint": Field(str, check=endpoint, doc="state-management module endpoint"),
     "rm_endpoint": Field(_OPT_STR, None, endpoint, "replication manager endpoint"),
     "pmm_endpoint": Field(_OPT_STR, None, endpoint, "packet management module endpoint"),
-    "metrics_port": Field(_OPT_INT, None, _PORT, "Prometheus metrics port"),
+    "metrics_port": Field(_OPT_INT, None, _PORT, "Prometheus metrics port of the SMM; the PMM "
+                          "serves on metrics_port+1, the RM on metrics_port+2 (127.0.0.1)"),
     "namespace": Field(_OPT_STR, None, doc="network namespace the replica runs in"),
     "nfqueue": Field(int, 1, in_range(0, 65535), "NFQUEUE number the PMM reads"),
 }, ReplicaConfig, injected=("name",))
@@ -531,6 +535,20 @@ def _check_references(cfg: ClusterConfig, raw: Any) -> None:
     unique(((r.id, f"replicas.{r.name}.id") for r in reps), "replica id")
     unique(((ep, f"replicas.{r.name}.{k}") for r in reps for k, ep in r.endpoints.items()), "endpoint")
     unique(((g.id, f"groups.{g.name}.id") for g in cfg.groups.values()), "group id")
+    # each replica's metrics take three ports: SMM +0, PMM +1, RM +2
+    ports = sorted((r.metrics_port, r.name) for r in reps if r.metrics_port)
+    for (p, name), (q, other) in zip(ports, ports[1:]):
+        if q - p < 3:
+            key = f"replicas.{other}.metrics_port"
+            raise ConfigError(f"metrics_port {q} is within 3 of replica {name}'s {p}: each "
+                              "replica serves metrics on metrics_port .. metrics_port+2 (SMM, "
+                              "PMM, RM); space them at least 3 apart", cfg.path,
+                              _line_at(raw, key), key)
+    for p, name in ports:
+        if p > 65533:
+            key = f"replicas.{name}.metrics_port"
+            raise ConfigError(f"metrics_port {p} leaves no room for the PMM (+1) and RM (+2) "
+                              "ports: use at most 65533", cfg.path, _line_at(raw, key), key)
     for i, rule in enumerate(cfg.policies):
         if rule.group != "default" and rule.group not in cfg.groups:
             item = raw.get("policies")[i] if isinstance(raw.get("policies"), list) else None

@@ -25,6 +25,7 @@ _OFF_STATUS, _OFF_OWNER, _OFF_GROUP = _F["status"], _F["owner"], _F["group"]
 _OFF_REF, _OFF_VERSION, _OFF_EPOCH = _F["refcount"], _F["version"], _F["ckpt_epoch"]
 _OFF_MOD, _OFF_TXN, _OFF_HASH = _F["modified"], _F["txn_pid"], _F["hash"]
 _STRIPE_LIVE, _STRIPE_TOMB = abi.STRIPE.fields["live"][1], abi.STRIPE.fields["tombstones"][1]
+_STRIPE_DIRTY = abi.STRIPE.fields["dirty"][1]
 
 FREE, ACTIVE, STANDBY, TOMBSTONE = (abi.STATUS_FREE, abi.STATUS_ACTIVE, abi.STATUS_STANDBY,
                                     abi.STATUS_TOMBSTONE)
@@ -158,6 +159,10 @@ class FlowTable:
         if tomb:
             self._w32[(off + _STRIPE_TOMB) >> 2] = self._w32[(off + _STRIPE_TOMB) >> 2] + tomb
 
+    def _mark_dirty(self, stripe: int) -> None:
+        """The RM's hint that this run holds a modified slot (after modified is stored)."""
+        self._w32[(self.g.stripes_offset + stripe * 64 + _STRIPE_DIRTY) >> 2] = 1
+
     def _claim(self, key: bytes, h: int, idx: int, status: int, group: int, owner: int) -> int:
         """Fill slot idx for key (stripe lock held) and publish its status last."""
         stripe = h & self._stripe_mask
@@ -180,6 +185,8 @@ class FlowTable:
         state = off + abi.SLOT_HEADER
         buf[state:state + self.g.state_size] = bytes(self.g.state_size)
         self._w32[(off + _OFF_STATUS) >> 2] = status  # publish last
+        if status == ACTIVE:
+            self._mark_dirty(stripe)
         self._stripe_add(stripe, 1, -1 if old_status == TOMBSTONE else 0)
         return off
 
@@ -290,6 +297,7 @@ class FlowTable:
             if modified:
                 self._w32[(off + _OFF_MOD) >> 2] = 1
                 self._w64[(off + _OFF_VERSION) >> 3] = self._w64[(off + _OFF_VERSION) >> 3] + 1
+                self._mark_dirty(stripe)
             return True
         finally:
             self._unhold(stripe)
@@ -327,7 +335,29 @@ class FlowTable:
         self._w32[(off + _OFF_REF) >> 2] = 0
         self._w32[(off + _OFF_MOD) >> 2] = 1
         self._w64[(off + _OFF_VERSION) >> 3] = self._w64[(off + _OFF_VERSION) >> 3] + 1
+        self._mark_dirty(stripe)
         self._stripe_add(stripe, -1, 1)
+
+    def set_group(self, key: bytes, group: int) -> int | None:
+        """Move an ACTIVE flow to another group (the RM, with both groups quiescent); it is
+        marked modified so the new group's next checkpoint carries it. Its old group, or
+        None if the flow is not active here."""
+        h = hash_key(key)
+        stripe = h & self._stripe_mask
+        self._hold(stripe)
+        try:
+            idx, status, _ = self._walk(key, h)
+            if status != ACTIVE:
+                return None
+            off = self._slot_off(idx)
+            old = self._w32[(off + _OFF_GROUP) >> 2]
+            self._w32[(off + _OFF_GROUP) >> 2] = group
+            self._w32[(off + _OFF_MOD) >> 2] = 1
+            self._w64[(off + _OFF_VERSION) >> 3] = self._w64[(off + _OFF_VERSION) >> 3] + 1
+            self._mark_dirty(stripe)
+            return old
+        finally:
+            self._unhold(stripe)
 
     def lookup(self, key: bytes) -> tuple[int, int]:
         """(slot index, status) of key, or (-1, FREE); no transaction is counted."""
@@ -360,6 +390,8 @@ class FlowTable:
                 if status != STANDBY:
                     return "absent"
                 off = self._slot_off(idx)
+                if self._w32[(off + _OFF_GROUP) >> 2] != group:
+                    return "absent"  # a flow moved to another group: that group's copy stays
                 self._w32[(off + _OFF_STATUS) >> 2] = TOMBSTONE
                 # Backup-side tombstones carry nothing to checkpoint: reusable at once.
                 self._w32[(off + _OFF_MOD) >> 2] = 0
@@ -408,6 +440,7 @@ class FlowTable:
                     self._w32[(off + _OFF_REF) >> 2] = 0
                     self._w32[(off + _OFF_MOD) >> 2] = 1
                     self._w32[(off + _OFF_STATUS) >> 2] = ACTIVE
+                    self._mark_dirty(stripe)
                     keys.append(bytes(buf[off:off + KEY_SIZE]))
             finally:
                 self._unhold(stripe)

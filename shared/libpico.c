@@ -811,6 +811,7 @@ int pico_get_flow(pico_ctx *c, const pico_flow_key *key, int create, uint32_t gr
     reuse->reserved = 0;
     memset((uint8_t *)reuse + PICO_SLOT_HEADER, 0, c->state_size);
     __atomic_store_n(&reuse->status, PICO_STATUS_ACTIVE, __ATOMIC_RELEASE); /* publish last */
+    __atomic_store_n(&st->dirty, 1, __ATOMIC_RELEASE); /* after modified: the RM's hint */
     st->live++;
     if (was_tomb && st->tombstones > 0)
         st->tombstones--;
@@ -840,6 +841,7 @@ int pico_put_flow(pico_ctx *c, const pico_flow_key *key, int modified)
         if (modified) {
             sl->modified = 1;
             sl->version++;
+            __atomic_store_n(&c->stripes[s].dirty, 1, __ATOMIC_RELEASE);
         }
     }
     unhold_stripe(c, s);
@@ -853,6 +855,7 @@ static void tombstone(pico_ctx *c, pico_flow_slot *sl, uint32_t s)
     sl->modified = 1;
     sl->version++;
     __atomic_store_n(&sl->status, PICO_STATUS_TOMBSTONE, __ATOMIC_RELEASE);
+    __atomic_store_n(&st->dirty, 1, __ATOMIC_RELEASE);
     if (st->live > 0)
         st->live--;
     st->tombstones++;

@@ -380,45 +380,129 @@ class GroupControl:
         in_name, out_name = doorbell_names(seg.sem_prefix)
         self._in_bell = posix_ipc.Semaphore(in_name)
         self._out_bell = posix_ipc.Semaphore(out_name)
+        self._generation = -1
+        self._by_id: dict[int, int] = {}
+        self._words: dict[tuple[int, str], int] = {}
+        self._w32, self._w64 = word_views(seg.segment.buf, "IQ")
+        self._ring_in = self._ring_out = False
+
+    def _word(self, group: int, field: str) -> int:
+        """Index of the group's word `field` in the matching word view (_w32 or _w64)."""
+        at = self._words.get((group, field))
+        if at is None or self.seg.generation() != self._generation:
+            dtype, off = abi.GROUP.fields[field][:2]
+            at = self.seg.g.groups_offset + self.index(group) * abi.GROUP.itemsize + off
+            at >>= 3 if dtype.itemsize == 8 else 2
+            self._words[(group, field)] = at
+        return at
+
+    def index(self, group: int) -> int:
+        gen = self.seg.generation()
+        if gen != self._generation:  # one dict per change, not per call
+            self._by_id, self._generation = self.seg.active_groups(), gen
+            self._words = {}
+        idx = self._by_id.get(group)
+        if idx is None:
+            raise PacketError(f"no group {group} in {self.seg.segment.name}; known: "
+                              f"{sorted(self._by_id)}")
+        return idx
 
     def _row(self, group: int):
-        idx = self.seg.active_groups().get(group)
-        if idx is None:
-            raise PacketError(f"no group {group} in {self.seg.segment.name}")
-        return self.seg.groups[idx]
+        return self.seg.groups[self.index(group)]
+
+    def bump_generation(self) -> None:
+        """After a change readers must see: a group added or removed, flows moved."""
+        fence()
+        self.seg.desc["groups_generation"] = int(self.seg.desc["groups_generation"]) + 1
+        self._out_bell.release()
+
+    def add_group(self, group: int, frequency_hz: int, target: int, buffering: bool) -> int:
+        """A new entry (pico_abi.h: control line first, state written last); its index."""
+        if group == abi.GROUP_DEFAULT or group in self.seg.active_groups():
+            raise PacketError(f"group {group} already exists in {self.seg.segment.name}")
+        free = [i for i in np.flatnonzero(self.seg.groups["state"] == abi.GROUP_FREE)
+                if i > 0 and not len(self.seg.input_ring(i)) and not len(self.seg.output_ring(i))]
+        if not free:
+            raise PacketError(f"the group table of {self.seg.segment.name} is full "
+                              f"({self.seg.g.max_groups} entries): delete a group, or raise "
+                              "packets.max_groups in the config and restart the replica")
+        i = int(free[0])  # (an entry whose rings still hold a deleted group's packets waits)
+        row = self.seg.groups[i]
+        for f in abi.GROUP_PMM + abi.GROUP_MB:
+            row[f] = 0
+        row["id"], row["frequency_hz"], row["target"] = group, frequency_hz, target
+        row["buffering"], row["suspended"] = int(buffering), 0
+        row["protected_"] = int(bool(target))
+        row["epoch"], row["committed"] = 1, 0
+        fence()
+        row["state"] = abi.GROUP_ACTIVE  # publish last
+        self.bump_generation()
+        return i
+
+    def remove_group(self, group: int) -> None:
+        """Free the entry (state written first). Its rings must be empty: the caller drained
+        them."""
+        if group == abi.GROUP_DEFAULT:
+            raise PacketError("the default group cannot be removed")
+        i = self.index(group)
+        self.seg.groups[i]["state"] = abi.GROUP_FREE
+        self.bump_generation()
+
+    def set_control(self, group: int, **words: int) -> None:
+        """frequency_hz, target, protected_: the line's plain settings."""
+        row = self._row(group)
+        for name, value in words.items():
+            if name not in ("frequency_hz", "target", "protected_"):
+                raise PacketError(f"set_control: {name} is not a plain setting")
+            row[name] = int(value)
 
     def suspend(self, group: int) -> None:
         """Stop the middlebox reading the group; then wait for quiescent() before copying."""
         if group == abi.GROUP_DEFAULT:
             raise PacketError("the default group is never suspended (its flows are unprotected)")
-        self._row(group)["suspended"] = 1
+        self._w32[self._word(group, "suspended")] = 1
         fence()  # the store must be visible before quiescent() reads the middlebox's counts
 
-    def resume(self, group: int) -> None:
-        self._row(group)["suspended"] = 0
-        self._in_bell.release()  # wake a middlebox that found only suspended input
+    def resume(self, group: int, ring: bool = True) -> None:
+        self._w32[self._word(group, "suspended")] = 0
+        if ring:
+            self._in_bell.release()  # wake a middlebox that found only suspended input
+        else:
+            self._ring_in = True
 
     def set_buffering(self, group: int, on: bool) -> None:
         if group == abi.GROUP_DEFAULT and on:
             raise PacketError("the default group's output is never held")
-        self._row(group)["buffering"] = int(on)
+        self._w32[self._word(group, "buffering")] = int(on)
         self._out_bell.release()
 
     def open_epoch(self, group: int, epoch: int) -> None:
-        self._row(group)["epoch"] = epoch
+        self._w64[self._word(group, "epoch")] = epoch
 
-    def commit(self, group: int, epoch: int) -> None:
-        """The backup acknowledged `epoch`: output tagged <= epoch may leave."""
-        self._row(group)["committed"] = epoch
-        self._out_bell.release()
+    def commit(self, group: int, epoch: int, ring: bool = True) -> None:
+        """The backup acknowledged `epoch`: output tagged <= epoch may leave. ring=False
+        defers the PMM's doorbell to ring_bells() (one wake-up per pass, not per group)."""
+        self._w64[self._word(group, "committed")] = epoch
+        if ring:
+            self._out_bell.release()
+        else:
+            self._ring_out = True
+
+    def ring_bells(self) -> None:
+        if self._ring_out:
+            self._ring_out = False
+            self._out_bell.release()
+        if self._ring_in:
+            self._ring_in = False
+            self._in_bell.release()
 
     def quiescent(self, group: int) -> bool:
         """Every packet the middlebox read from the group is finished (pico_abi.h, output
         commit): one of the RM's two conditions before copying a checkpoint."""
-        row = self._row(group)
-        return int(row["pkts_done"]) == int(row["pkts_read"])
+        return self._w64[self._word(group, "pkts_done")] == self._w64[self._word(group, "pkts_read")]
 
     def close(self) -> None:
+        self._w32 = self._w64 = None  # views must go before the mapping closes
         self._in_bell.close()
         self._out_bell.close()
 

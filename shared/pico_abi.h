@@ -85,6 +85,15 @@
  * refcount = 0, modified = 1, version += 1; ends the caller's transaction on that key if one is
  * open, else takes and releases the stripe itself. The RM copies a group's states only after
  * suspending the group's input and seeing refcount == 0 on its flows.
+ * Dirty hints (ABI 1.2). Whoever sets a slot's modified = 1 for an ACTIVE or TOMBSTONE slot
+ * (insert, put_flow with modified, del_flow, activation) then stores its stripe's dirty = 1,
+ * still holding the stripe, so the RM need not scan the whole table per checkpoint. The RM, for
+ * a set S of suspended, quiescent groups: for each stripe with dirty != 0, stores dirty = 0,
+ * issues a full fence, then reads the run; every modified slot of a group outside S makes it
+ * store dirty = 1 again. (A writer's dirty = 1 either lands after the RM's clear, so the hint
+ * stays, or before it, and then its modified = 1 is visible to the RM's read.) Writers only
+ * ever store 1; only the RM stores 0. Open transactions hold their stripe, so the RM looks for
+ * refcount > 0 only in runs whose holder_pid is set (refcount is raised after holder_pid).
  * Matching: a key has at most one slot. The lookup walk stops at the first slot whose key
  * equals ours, whatever its status; if that slot is a TOMBSTONE, an insert of the key reuses
  * exactly that slot (never an earlier reusable one), so an upsert never coexists with a pending
@@ -152,7 +161,8 @@
  * never held. An entry's control line (id, state, frequency, target, buffering, suspended,
  * protected, epoch, committed) is written by the RM (by the PMM only while creating the segment,
  * from the config); its state word is written last when an entry is added, first when removed,
- * and the writer bumps groups_generation after either. Line 1 is written by the PMM, line 2 by
+ * and the writer bumps groups_generation after either, and after it moves flows from one group
+ * to another (readers then drop any flow -> group cache they keep). Line 1 is written by the PMM, line 2 by
  * the middlebox (the single consumer of input rings).
  * Output commit: the PMM releases a group's output ring in order, each packet whose epoch tag is
  * <= committed, or at once if buffering is 0; a packet with a larger tag stops the ring. The
@@ -198,7 +208,7 @@
 #endif
 
 #define PICO_ABI_MAJOR 1
-#define PICO_ABI_MINOR 1
+#define PICO_ABI_MINOR 2
 
 /* "PICOSEG1" read as a little-endian u64 */
 #define PICO_MAGIC 0x314745534F434950ULL
@@ -280,7 +290,11 @@ typedef struct pico_stripe { /* one cache line; written by the stripe's current 
     uint32_t live;             /* 16 ACTIVE + STANDBY slots in this stripe's run */
     uint32_t tombstones;       /* 20 TOMBSTONE slots in this run */
     uint64_t recoveries;       /* 24 watchdog recoveries (SMM, while the holder is dead) */
-    uint8_t pad[32];           /* 32 */
+    uint32_t dirty;            /* 32 (ABI 1.2) 1 = some slot of this run may have modified = 1:
+                                *     set by every writer that sets a slot's modified (after
+                                *     it, holding the stripe); cleared only by the RM (see
+                                *     "Dirty hints" above) */
+    uint8_t pad[28];           /* 36 */
 } pico_stripe;
 
 typedef struct pico_flow_key {

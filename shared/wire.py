@@ -16,6 +16,7 @@ operator's calls (PING, DUMP, STATS replies, and every error reply's message).
 """
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -31,25 +32,32 @@ HEADER_SIZE = HEADER.size  # 24
 
 # Request types
 PING, INSTALL, ACTIVATE, DUMP, STATS = 1, 2, 3, 4, 5
+INSTALL_BATCH = 6  # several groups' INSTALLs in one message (the RM's per-pass send)
 REPLY_BIT = 0x80
 ERROR = 0xFF
 # The RM's control requests (picoctl): JSON bodies, JSON replies.
 GROUPS, SUSPEND, RESUME, GROUP_SET = 16, 17, 18, 19
+GROUP_CREATE, GROUP_DELETE, FLOWS, MOVE = 20, 21, 22, 23
+# Events a replica reports to the controller (control.controller_endpoint): JSON both ways.
+EVENT = 24
 TYPE_NAMES = {PING: "ping", INSTALL: "install", ACTIVATE: "activate", DUMP: "dump",
-              STATS: "stats", GROUPS: "groups", SUSPEND: "suspend", RESUME: "resume",
-              GROUP_SET: "group_set", ERROR: "error"}
+              STATS: "stats", INSTALL_BATCH: "install_batch", GROUPS: "groups",
+              SUSPEND: "suspend", RESUME: "resume", GROUP_SET: "group_set",
+              GROUP_CREATE: "group_create", GROUP_DELETE: "group_delete", FLOWS: "flows",
+              MOVE: "move", EVENT: "event", ERROR: "error"}
 
 # Status / error codes
 OK = 0
 ERR_BAD_MAGIC, ERR_BAD_VERSION, ERR_TRUNCATED, ERR_TOO_LARGE = 1, 2, 3, 4
 ERR_UNKNOWN_TYPE, ERR_BAD_BODY, ERR_STATE_SIZE, ERR_TABLE_FULL = 5, 6, 7, 8
 ERR_EPOCH_GAP, ERR_BAD_ENVELOPE, ERR_INTERNAL = 9, 10, 11
+ERR_BUSY = 12  # an operator change could not get the groups quiet in time: try again
 ERROR_NAMES = {ERR_BAD_MAGIC: "bad_magic", ERR_BAD_VERSION: "bad_version",
                ERR_TRUNCATED: "truncated", ERR_TOO_LARGE: "too_large",
                ERR_UNKNOWN_TYPE: "unknown_type", ERR_BAD_BODY: "bad_body",
                ERR_STATE_SIZE: "state_size", ERR_TABLE_FULL: "table_full",
                ERR_EPOCH_GAP: "epoch_gap", ERR_BAD_ENVELOPE: "bad_envelope",
-               ERR_INTERNAL: "internal"}
+               ERR_INTERNAL: "internal", ERR_BUSY: "busy"}
 
 # INSTALL body: a 40-byte header, then n_records fixed-size records.
 INSTALL_HEADER = struct.Struct("<IIQQIIII")  # owner group epoch base_epoch n state_size flags rsvd
@@ -68,6 +76,7 @@ KEEP_GROUP = 0xFFFFFFFF
 KEY_SIZE = 40
 
 
+@functools.lru_cache(maxsize=16)
 def record_dtype(state_size: int) -> np.dtype:
     return np.dtype({"names": ["key", "op", "version", "state"],
                      "formats": [("u1", KEY_SIZE), "u1", "<u8", ("u1", state_size)],
@@ -186,6 +195,70 @@ def decode_install(body: bytes) -> Install:
         raise WireError(ERR_BAD_BODY, f"INSTALL record {int(bad_ops[0])} has unknown op "
                         f"{int(recs['op'][bad_ops[0]])} (1 upsert, 2 delete)")
     return Install(owner, group, epoch, base, flags, state_size, recs)
+
+
+# ---------------------------------------------------------------- INSTALL_BATCH
+# Body: u32 n_sections, u32 reserved, then per section u32 length + an INSTALL body (above).
+# Reply body: u32 n, u32 reserved, then per section (in order) u32 group, u32 status (OK or an
+# ERR_* code: one group's gap or full table does not fail the others), then the 32-byte
+# INSTALL_REPLY (zeros unless status is OK).
+BATCH_HEADER = struct.Struct("<II")
+SECTION_LEN = struct.Struct("<I")
+BATCH_REPLY = struct.Struct("<II")  # group status, then INSTALL_REPLY
+MAX_SECTIONS = 4096
+
+
+def encode_install_batch(sections: list[bytes]) -> bytes:
+    parts = [BATCH_HEADER.pack(len(sections), 0)]
+    for body in sections:
+        parts += [SECTION_LEN.pack(len(body)), body]
+    return b"".join(parts)
+
+
+def split_install_batch(body: bytes) -> list[bytes]:
+    """The INSTALL bodies of a batch (each still to be decoded with decode_install)."""
+    if len(body) < BATCH_HEADER.size:
+        raise WireError(ERR_TRUNCATED, f"INSTALL_BATCH body of {len(body)} bytes is shorter "
+                        f"than its {BATCH_HEADER.size}-byte header")
+    n, _ = BATCH_HEADER.unpack_from(body)
+    if n > MAX_SECTIONS:
+        raise WireError(ERR_BAD_BODY, f"INSTALL_BATCH of {n} sections exceeds {MAX_SECTIONS}")
+    off, out = BATCH_HEADER.size, []
+    for i in range(n):
+        if off + SECTION_LEN.size > len(body):
+            raise WireError(ERR_TRUNCATED, f"INSTALL_BATCH section {i} of {n} is missing")
+        (length,) = SECTION_LEN.unpack_from(body, off)
+        off += SECTION_LEN.size
+        if off + length > len(body):
+            raise WireError(ERR_TRUNCATED, f"INSTALL_BATCH section {i} announces {length} "
+                            f"bytes, {len(body) - off} remain")
+        out.append(body[off:off + length])
+        off += length
+    if off != len(body):
+        raise WireError(ERR_TRUNCATED, f"INSTALL_BATCH carries {len(body) - off} bytes after "
+                        f"its {n} sections")
+    return out
+
+
+def encode_batch_reply(rows: list[tuple[int, int, bytes]]) -> bytes:
+    """rows: (group, status, INSTALL_REPLY bytes or b"")."""
+    zero = bytes(INSTALL_REPLY.size)
+    return BATCH_HEADER.pack(len(rows), 0) + b"".join(
+        BATCH_REPLY.pack(g, st) + (r or zero) for g, st, r in rows)
+
+
+def decode_batch_reply(body: bytes) -> list[tuple[int, int, tuple]]:
+    """[(group, status, INSTALL_REPLY fields)] of an INSTALL_BATCH reply."""
+    n, _ = BATCH_HEADER.unpack_from(body)
+    row = BATCH_REPLY.size + INSTALL_REPLY.size
+    if len(body) != BATCH_HEADER.size + n * row:
+        raise WireError(ERR_TRUNCATED, f"INSTALL_BATCH reply of {n} rows has {len(body)} bytes")
+    out = []
+    for i in range(n):
+        off = BATCH_HEADER.size + i * row
+        g, st = BATCH_REPLY.unpack_from(body, off)
+        out.append((g, st, INSTALL_REPLY.unpack_from(body, off + BATCH_REPLY.size)))
+    return out
 
 
 # ---------------------------------------------------------------- ACTIVATE

@@ -66,6 +66,7 @@ class SmmService:
 
     def _handlers(self):
         return {wire.PING: self._ping, wire.INSTALL: self._install,
+                wire.INSTALL_BATCH: self._install_batch,
                 wire.ACTIVATE: self._activate, wire.DUMP: self._dump, wire.STATS: self._stats}
 
     # ---------------------------------------------------------------- requests
@@ -117,6 +118,28 @@ class SmmService:
                 self.store.bump("standby_installed", changed)
         return wire.INSTALL_REPLY.pack(disposition, 0, last, counts["installed"],
                                        counts["updated"], counts["deleted"], counts["conflict"])
+
+    def _install_batch(self, body: bytes) -> bytes:
+        """Each section is an INSTALL on its own: a refused one (gap, bad body, full table)
+        is answered in its row and counted, and the others are applied."""
+        rows = []
+        for section in wire.split_install_batch(body):
+            group = wire.INSTALL_HEADER.unpack_from(section)[1] \
+                if len(section) >= wire.INSTALL_HEADER.size else 0
+            try:
+                rows.append((group, wire.OK, self._install(section)))
+            except WireError as e:
+                rows.append((group, e.code, b""))
+                self._count_refusal(e.code, f"INSTALL_BATCH section for group {group}: {e}")
+            except TableFull as e:
+                rows.append((group, wire.ERR_TABLE_FULL, b""))
+                self._count_refusal(wire.ERR_TABLE_FULL, str(e))
+        return wire.encode_batch_reply(rows)
+
+    def _count_refusal(self, code: int, text: str) -> None:
+        name = wire.ERROR_NAMES.get(code, str(code))
+        self.errors[name] += 1
+        self.log.warning(f"refused {name}: {text}")
 
     def _purge(self, owner: int, group: int, keep: set[bytes], epoch: int) -> int:
         """Remove the standby copies of (owner, group) that a full snapshot left out."""

@@ -29,7 +29,8 @@ def free_port() -> int:
 def write_config(tmp_path: Path, *, replicas: int = 2, capacity: int = 4096, state_size: int = 64,
                  stripes: int = 64, lock_timeout_ms: int = 500, max_message_bytes: int = 1 << 20,
                  heartbeat_ms: int = 50, metrics: bool = False, extra: str = "",
-                 request_timeout_ms: int = 2000, rm_endpoints: bool = False):
+                 request_timeout_ms: int = 2000, rm_endpoints: bool = False,
+                 controller: str | None = None):
     """A cluster YAML with a unique name and free loopback ports; returns the loaded config."""
     name = f"t{os.getpid() % 100000}x{next(_names)}"
     lines = ["version: 1", "cluster:", f"  name: {name}", f"  shm_prefix: {SHM_PREFIX}",
@@ -38,6 +39,7 @@ def write_config(tmp_path: Path, *, replicas: int = 2, capacity: int = 4096, sta
              "control:", f"  max_message_bytes: {max_message_bytes}",
              f"  request_timeout_ms: {request_timeout_ms}",
              f"  heartbeat_interval_ms: {heartbeat_ms}",
+             *([f"  controller_endpoint: {controller}"] if controller else []),
              "replicas:"]
     for i in range(1, replicas + 1):
         lines += [f"  r{i}:", f"    id: {i}", f"    smm_endpoint: tcp://127.0.0.1:{free_port()}"]

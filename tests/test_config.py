@@ -323,3 +323,14 @@ def test_packets_errors(tmp_path):
     expect_error(tmp_path, BASE + "policies: {a: 1}\n", 16, "policies", "list")
     two_groups = edit("groups:\n", "groups:\n  extra:\n    id: 9\n") + "packets:\n  max_groups: 2\n"
     expect_error(tmp_path, two_groups, 12, "groups", "exceed packets.max_groups")
+
+
+def test_metrics_ports_leave_room_for_the_pmm_and_the_rm(tmp_path):
+    r1 = "    smm_endpoint: tcp://127.0.0.1:7101\n"
+    close = edit("    id: 2\n", "    id: 2\n    metrics_port: 9402\n",
+                 edit(r1, r1 + "    metrics_port: 9400\n"))
+    expect_error(tmp_path, close, 11, "replicas.r2.metrics_port", "within 3")
+    spaced = close.replace("9402", "9403")
+    assert load_text(tmp_path, spaced)[0].replicas["r2"].metrics_port == 9403
+    high = edit(r1, r1 + "    metrics_port: 65534\n")
+    expect_error(tmp_path, high, 8, "replicas.r1.metrics_port", "at most 65533")

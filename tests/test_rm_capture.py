@@ -1,7 +1,7 @@
 """Capturing a group's checkpoint from the flow table (pure, over a bytearray table)."""
 import numpy as np
 
-from rm.capture import capture, mark_captured, open_transactions
+from rm.capture import capture as capture_groups, mark_captured, open_transactions
 from shared import wire
 from shared.flowkey import make_key
 from shared.flowtable import TOMBSTONE, FlowTable, Geometry
@@ -18,6 +18,10 @@ def key(i):
     return make_key("10.0.0.1", 1000 + i, "10.0.0.2", 80, 6)
 
 
+def capture(t, group, full=False):
+    return capture_groups(t, [group], [group] if full else [])[group]
+
+
 def put(t, i, group, data):
     st = t.get_flow(key(i), create=True, group=group)
     st[:len(data)] = data
@@ -31,6 +35,7 @@ def test_captures_only_modified_flows_of_the_group():
     put(t, 3, 6, b"c")  # another group
     recs, slots = capture(t, 5)
     assert sorted(bytes(r["key"]) for r in recs) == sorted([key(1), key(2)])
+    assert int(t.stripes["dirty"].sum()) == 1  # group 6's hint survives our read
     assert all(r["op"] == wire.OP_UPSERT for r in recs)
     by_key = {bytes(r["key"]): bytes(r["state"][:1]) for r in recs}
     assert by_key == {key(1): b"a", key(2): b"b"}
@@ -75,6 +80,40 @@ def test_open_transactions_counts_the_groups_flows_in_flight():
     t = table()
     put(t, 1, 5, b"x")
     t.get_flow(key(1))
-    assert open_transactions(t, 5) == 1 and open_transactions(t, 6) == 0
+    assert open_transactions(t) == {5: 1}
     t.put_flow(key(1))
-    assert open_transactions(t, 5) == 0
+    assert open_transactions(t) == {}
+
+
+def test_one_pass_captures_several_groups_and_keeps_other_hints():
+    t = table()
+    for i in range(30):
+        put(t, i, 5 + i % 3, bytes([i]))
+    got = capture_groups(t, [5, 6, 9])
+    assert sorted(got) == [5, 6, 9] and len(got[9].records) == 0
+    assert {bytes(r["key"]) for r in got[5].records} == {key(i) for i in range(0, 30, 3)}
+    for c in got.values():
+        mark_captured(t, c.slots, 1)
+    # group 7 was not taken: its flows are still found through the hints
+    assert {bytes(r["key"]) for r in capture(t, 7).records} == {key(i) for i in range(2, 30, 3)}
+    assert len(capture(t, 5).records) == 0
+
+
+def test_a_writer_after_the_read_leaves_its_hint_set():
+    t = table()
+    put(t, 1, 5, b"a")
+    mark_captured(t, capture(t, 5).slots, 1)
+    assert not t.stripes["dirty"].any()
+    put(t, 1, 5, b"b")
+    assert t.stripes["dirty"].any() and len(capture(t, 5).records) == 1
+
+
+def test_a_full_capture_carries_every_active_flow_and_pending_deletes():
+    t = table()
+    for i in range(6):
+        put(t, i, 5, bytes([i]))
+    mark_captured(t, capture(t, 5).slots, 1)
+    t.del_flow(key(0))
+    recs = capture(t, 5, full=True).records
+    ops = {bytes(r["key"]): int(r["op"]) for r in recs}
+    assert ops == {key(0): wire.OP_DELETE, **{key(i): wire.OP_UPSERT for i in range(1, 6)}}

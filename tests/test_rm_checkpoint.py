@@ -143,13 +143,14 @@ def test_a_dead_backup_leaves_the_group_unprotected_and_output_flowing(pair):
         backup.stop(signal.SIGKILL)
         _traffic(ingress, mb, flows, 3, 1)
         deadline = time.monotonic() + 10
-        while rm.groups[WEB].protected:
+        while WEB in rm.groups:                         # protected while it is here
             assert time.monotonic() < deadline
             rm.run_once()
             time.sleep(rm.next_wakeup(time.monotonic()))
         out = _released(releaser, 3)                     # released once unprotected
         assert {v.buffering for v in out} == {0}
         assert int(store.seg.groups[1]["buffering"]) == 0
+        assert int(store.seg.groups[1]["protected_"]) == 0 and rm.unprotected_total == 2  # web, dns
         _traffic(ingress, mb, flows, 2, 50)              # and later output is not held
         assert len(_released(releaser, 2)) == 2
     finally:

@@ -61,7 +61,7 @@ static void begin(const char *name, size_t size)
 
 #define STRIPE_FIELDS(T, F)                                                     \
     F(T, holder_pid) F(T, acquisitions) F(T, live) F(T, tombstones) F(T, recoveries) \
-    F(T, pad)
+    F(T, dirty) F(T, pad)
 
 #define FLOW_KEY_FIELDS(T, F)                                                   \
     F(T, addr_a) F(T, addr_b) F(T, port_a) F(T, port_b) F(T, proto) F(T, family) \

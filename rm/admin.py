@@ -1,0 +1,281 @@
+"""Operator changes to a live replica's groups (picoctl group create/delete/set, move, flows).
+
+They run on the RM's thread between passes, so they never race a capture; while one waits for
+its groups to go quiet it keeps running passes, so other groups stay on time. Every change is
+validated whole before anything is touched (a bad `group set` changes nothing).
+
+Moving a flow keeps output commit: the flow's old group is held (suspended, not resumed by its
+epochs) and first takes an epoch that still carries the flow, so every output already tagged
+for the old group depends only on state its own backup acknowledges; then the flow changes
+group (marked modified, so the new group's next epoch carries it), and the old group's next
+epoch deletes the old backup's copy.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from shared import abi, wire
+from shared.errors import WireError
+from shared.flowkey import KEY_SIZE, describe
+
+QUIET_TIMEOUT = 2.0  # seconds an operator change waits for its groups to go quiet
+ACTIVE, TOMBSTONE = abi.STATUS_ACTIVE, abi.STATUS_TOMBSTONE
+
+
+def _bad(text: str) -> WireError:
+    return WireError(wire.ERR_BAD_BODY, text)
+
+
+class Admin:
+    def __init__(self, server):
+        self.s = server
+
+    # ---------------------------------------------------------------- holding groups
+    def _pump_until(self, pred, deadline: float) -> bool:
+        while not pred():
+            if time.monotonic() >= deadline:
+                return False
+            self.s.run_once()
+            time.sleep(0.0002)
+        return True
+
+    def hold(self, groups: set[int]) -> None:
+        """Suspend these groups and see them quiet; a protected one first takes an epoch
+        while suspended (its output so far is then covered by its own backup)."""
+        s, deadline = self.s, time.monotonic() + QUIET_TIMEOUT
+        groups = {g for g in groups if g != abi.GROUP_DEFAULT}
+        s.held |= groups
+        try:
+            for g in groups:
+                ge = s.groups.get(g)
+                if ge is None:
+                    s.ctl.suspend(g)
+                    ok = self._pump_until(lambda g=g: s.ctl.quiescent(g) and not
+                                          self._open_txns(g), deadline)
+                else:
+                    first = ge.epoch
+                    ge.next_due = min(ge.next_due, time.monotonic())
+                    ok = self._pump_until(lambda ge=ge, first=first: ge.epoch > first or
+                                          s.groups.get(ge.group) is not ge, deadline)
+                    if s.groups.get(g) is not ge:  # it lost its backup meanwhile
+                        s.ctl.suspend(g)
+                        ok = self._pump_until(lambda g=g: s.ctl.quiescent(g) and not
+                                              self._open_txns(g), deadline)
+                if not ok:
+                    raise WireError(wire.ERR_BUSY, f"group {g} did not go quiet within "
+                                    f"{QUIET_TIMEOUT:g} s (a stuck middlebox transaction, or a "
+                                    "backup that does not answer): nothing was changed; retry")
+        except BaseException:
+            self.release(groups)
+            raise
+
+    def release(self, groups: set[int]) -> None:
+        s = self.s
+        for g in groups:
+            if g in s.held:
+                s.held.discard(g)
+                if g not in s.operator_suspended and g in s.seg.active_groups():
+                    s.ctl.resume(g)
+
+    def _open_txns(self, g: int) -> bool:
+        from .capture import open_transactions
+        return open_transactions(self.s.flows.table).get(g, 0) > 0
+
+    # ---------------------------------------------------------------- validation
+    def _target(self, name) -> int:
+        """A target replica name -> id; None/'none' -> 0."""
+        if name is None or name == "none":
+            return 0
+        if not isinstance(name, str):
+            raise _bad("'target' must be a replica name or 'none'")
+        try:
+            rep = self.s.config.replica(name)
+        except Exception:
+            raise _bad(f"no replica named {name!r}; known: "
+                       f"{', '.join(self.s.config.replicas)}") from None
+        if rep.id == self.s.replica.id:
+            raise _bad(f"replica {name} cannot back up its own groups: choose another target")
+        return rep.id
+
+    @staticmethod
+    def _frequency(f) -> int:
+        if not isinstance(f, int) or isinstance(f, bool) or not 10 <= f <= 20000:
+            raise _bad("frequency_hz must be an integer 10..20000")
+        return f
+
+    @staticmethod
+    def _bool(b, name: str) -> bool:
+        if not isinstance(b, bool):
+            raise _bad(f"{name} must be true or false")
+        return b
+
+    # ---------------------------------------------------------------- changes
+    def create(self, group: int, frequency_hz: int = 1000, target=None,
+               buffering: bool = True) -> dict:
+        s = self.s
+        if not isinstance(group, int) or isinstance(group, bool) or not 1 <= group <= 65535:
+            raise _bad("'group' must be an integer 1..65535 (0 is the default group)")
+        if group in s.seg.active_groups():
+            raise _bad(f"group {group} already exists on replica {s.replica.name}")
+        freq, tid = self._frequency(frequency_hz), self._target(target)
+        buffering = self._bool(buffering, "buffering")
+        try:
+            s.ctl.add_group(group, freq, tid, buffering and bool(tid))
+        except Exception as e:
+            raise _bad(str(e)) from None
+        s.buffering[group] = buffering
+        if tid:
+            s.protect(group, tid, freq, time.monotonic())
+            s.events.report("group_protected", replica=s.replica.name, group=group,
+                            target=target)
+        s.log.info(f"group={group} created: {freq} Hz, target {target or 'none'}, "
+                   f"buffering {'on' if buffering else 'off'}")
+        return {"group": group, "frequency_hz": freq, "target": target or None,
+                "buffering": buffering and bool(tid)}
+
+    def _purge_backup(self, g: int, target: int, epoch: int) -> None:
+        """Best effort: an empty FULL snapshot makes the old backup drop the group's copies."""
+        s = self.s
+        body = wire.encode_install(s.replica.id, g, epoch, 0, s.flows.state_size, [],
+                                   flags=wire.INSTALL_FULL)
+        s.client(target).send(wire.INSTALL_BATCH, wire.encode_install_batch([body]))
+
+    def _stop_protecting(self, g: int) -> None:
+        """On the operator's word: the backup's copies are purged, held output released."""
+        s = self.s
+        target = s.targets.get(g)
+        ge = s.forget(g)
+        if ge is None:
+            return
+        s.ctl.set_buffering(g, False)
+        s.ctl.commit(g, ge.epoch)
+        s.ctl.set_control(g, protected_=0)
+        self._purge_backup(g, target, ge.epoch)
+
+    def delete(self, group: int) -> dict:
+        """Its flows join the default group (unprotected), its backup forgets them, its held
+        output leaves, and the entry is freed once its rings are empty."""
+        s = self.s
+        if group == abi.GROUP_DEFAULT:
+            raise _bad("the default group (0) cannot be deleted")
+        if not isinstance(group, int) or group not in s.seg.active_groups():
+            raise _bad(f"no group {group} on replica {s.replica.name}")
+        self.hold({group})
+        try:
+            t = s.flows.table
+            slots = t.slots
+            mine = np.flatnonzero(slots["group"] == group)
+            moved = 0
+            for idx in mine:
+                if int(slots["status"][idx]) == ACTIVE:
+                    key = slots["key"][idx].tobytes()
+                    moved += t.set_group(key, abi.GROUP_DEFAULT) is not None
+                elif int(slots["status"][idx]) == TOMBSTONE:
+                    slots["group"][idx] = abi.GROUP_DEFAULT  # reusable: no delete to send
+            self._stop_protecting(group)
+            s.ctl.set_buffering(group, False)
+            s.ctl.bump_generation()  # the PMM looks its flows up again: default group now
+        finally:
+            self.release({group})
+        index = s.ctl.index(group)
+        self._pump_until(lambda: not len(s.seg.input_ring(index)) and
+                         not len(s.seg.output_ring(index)), time.monotonic() + QUIET_TIMEOUT)
+        s.ctl.remove_group(group)
+        s.buffering.pop(group, None)
+        s.operator_suspended.discard(group)
+        s.log.info(f"group={group} deleted: {moved} flow(s) moved to the default group")
+        return {"group": group, "deleted": True, "flows_moved": moved}
+
+    def set(self, group: int, **req) -> dict:
+        s = self.s
+        unknown = set(req) - {"frequency_hz", "buffering", "target"}
+        if unknown:
+            raise _bad(f"group_set: unknown field(s) {sorted(unknown)}; known: frequency_hz, "
+                       "buffering, target")
+        row = s.seg.groups[s.ctl.index(group)]
+        freq = self._frequency(req["frequency_hz"]) if "frequency_hz" in req else None
+        tid = self._target(req["target"]) if "target" in req else int(row["target"]) \
+            if group in s.groups else 0
+        buffering = self._bool(req["buffering"], "buffering") if "buffering" in req else None
+        if group == abi.GROUP_DEFAULT:
+            raise _bad("the default group (0) is never protected: nothing to set")
+        if buffering and not tid:
+            raise _bad(f"group {group} has no backup: holding its output would hold it "
+                       "forever; give it a target first")
+        # validated: now apply, all of it
+        now = time.monotonic()
+        if freq is not None:
+            s.ctl.set_control(group, frequency_hz=freq)
+            if group in s.groups:
+                s.groups[group].set_frequency(freq, now)
+        if buffering is not None:
+            s.buffering[group] = buffering
+        if "target" in req and tid != s.targets.get(group, 0):
+            old = s.targets.get(group)
+            if tid:
+                # Switch streams without letting go: the new backup's first epoch is a FULL
+                # snapshot, and its ack is what releases the output held meanwhile.
+                if old:
+                    self._purge_backup(group, old, int(row["epoch"]))
+                s.protect(group, tid, int(row["frequency_hz"]), now)
+                s.events.report("group_protected", replica=s.replica.name, group=group,
+                                target=req["target"])
+            else:
+                self._stop_protecting(group)
+                s.ctl.set_control(group, target=0)
+        if group in s.groups:
+            s.ctl.set_buffering(group, s.buffering.get(group, True))
+        s.log.info(f"group={group} set: " + ", ".join(f"{k}={v}" for k, v in req.items()))
+        return {"group": group, **req}
+
+    def flows(self, group=None, limit: int = 100) -> dict:
+        s = self.s
+        if not isinstance(limit, int) or not 1 <= limit <= 100000:
+            raise _bad("limit must be an integer 1..100000")
+        slots = s.flows.table.slots
+        sel = slots["status"] == ACTIVE
+        if group is not None:
+            if not isinstance(group, int) or isinstance(group, bool):
+                raise _bad("'group' must be a group id")
+            sel &= slots["group"] == group
+        idx = np.flatnonzero(sel)
+        rows = []
+        for i in idx[:limit]:
+            r = slots[i]
+            key = r["key"].tobytes()
+            rows.append({"flow": describe(key), "key": key.hex(), "group": int(r["group"]),
+                         "version": int(r["version"]), "modified": int(r["modified"]),
+                         "ckpt_epoch": int(r["ckpt_epoch"])})
+        return {"replica": s.replica.name, "total": int(len(idx)), "flows": rows}
+
+    def move(self, key_hex, group) -> dict:
+        s = self.s
+        try:
+            key = bytes.fromhex(key_hex)
+        except (TypeError, ValueError):
+            key = b""
+        if len(key) != KEY_SIZE:
+            raise _bad(f"'key' must be a {KEY_SIZE}-byte flow key in hex (picoctl makes it from "
+                       "'tcp 10.0.0.1:1234 10.0.0.2:80')")
+        if not isinstance(group, int) or (group and group not in s.seg.active_groups()):
+            raise _bad(f"no group {group} on replica {s.replica.name}")
+        t = s.flows.table
+        idx, status = t.lookup(key)
+        if status != ACTIVE:
+            raise _bad(f"{describe(key)} is not an active flow on replica {s.replica.name}")
+        old = int(t.slots[idx]["group"])
+        if old == group:
+            return {"flow": describe(key), "from": old, "to": group, "moved": False}
+        self.hold({old, group})
+        try:
+            if t.set_group(key, group) is None:
+                raise _bad(f"{describe(key)} ended while it was being moved")
+            if old in s.groups:
+                s.moved_out.setdefault(old, []).append((key, int(t.slots[idx]["version"])))
+            s.ctl.bump_generation()  # the PMM looks the flow up again
+        finally:
+            self.release({old, group})
+        s.log.info(f"flow {describe(key)} moved from group {old} to group {group}")
+        return {"flow": describe(key), "from": old, "to": group, "moved": True}
