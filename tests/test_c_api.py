@@ -123,3 +123,21 @@ def test_headers_compile_as_cplusplus(tmp_path):
     subprocess.run([gxx, "-std=c++11", "-Wall", "-Werror", "-I", f"{root}/shared", str(src), "-o",
                     str(tmp_path / "t")], check=True)
     assert subprocess.run([str(tmp_path / "t")]).returncode == 0
+
+
+def test_c_writers_leave_the_rms_dirty_hints(cluster, seg, cbuild):
+    """A C put and a C delete each mark their stripe, so the RM's capture finds them."""
+    from rm.capture import capture, mark_captured
+    from shared import wire
+    with attach_replica(cluster, "r1") as mb:
+        t = mb.table
+        flowtool(cbuild, seg, "put", *FLOW, "aa", "4")
+        stripe = t.lookup(KEY)[0] // t.g.slots_per_stripe
+        assert int(t.stripes["dirty"][stripe]) == 1
+        got = capture(t, [4])[4]
+        assert [bytes(r["key"]) for r in got.records] == [KEY]
+        mark_captured(t, got.slots, 1)
+        assert int(t.stripes["dirty"][stripe]) == 0
+        flowtool(cbuild, seg, "del", *FLOW)
+        assert int(t.stripes["dirty"][stripe]) == 1
+        assert [int(r["op"]) for r in capture(t, [4])[4].records] == [wire.OP_DELETE]

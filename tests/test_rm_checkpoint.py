@@ -16,6 +16,11 @@ from shared.packets import attach_packets
 WEB = 1
 
 
+def ipv4_key(i):
+    from shared.flowkey import make_key
+    return make_key("10.0.0.1", 30000 + i, "10.0.1.1", 80, 6)
+
+
 def test_a_committed_epoch_matches_the_backup_and_releases_the_output(packet_bed, smm_factory):
     store, ingress, releaser, ctl, cfg, _ = packet_bed
     smm_factory(cfg, "r1")
@@ -181,4 +186,89 @@ def test_a_dead_backup_does_not_delay_another_group(tmp_path, smm_factory):
         assert b.committed >= 10
     finally:
         rm.close()
+        store.close()
+
+
+def _pump(rm, pred, what, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, what
+        rm.run_once()
+        rm.wait()
+
+
+def test_a_restarted_backup_gets_the_whole_group_again(tmp_path, smm_factory):
+    """The backup's SMM restarts empty: its EPOCH_GAP makes the RM resend the group FULL."""
+    from conftest import PACKET_GROUPS, write_config
+    from pmm.store import PacketStore
+    cfg = write_config(tmp_path, extra=PACKET_GROUPS, request_timeout_ms=3000)
+    store = PacketStore(cfg, "r1")
+    smm_factory(cfg, "r1")
+    backup = smm_factory(cfg, "r2")
+    flows = attach_replica(cfg, "r1")
+    rm = RmServer(cfg, "r1", metrics=False)
+    keys = [ipv4_key(i) for i in range(20)]
+    try:
+        for i, key in enumerate(keys):
+            flows.get_flow(key, create=True, group=WEB)[0] = i
+            flows.put_flow(key)
+        _pump(rm, lambda: rm.groups[WEB].committed >= 2, "first commits")
+        backup.stop(signal.SIGKILL)
+        backup = smm_factory(cfg, "r2")                  # empty table, no stream
+        before = rm.groups[WEB].committed
+        _pump(rm, lambda: rm.groups[WEB].resyncs >= 1 and rm.groups[WEB].committed > before + 1,
+              "resync and commits after it")
+        with attach_replica(cfg, "r2") as b:
+            for key in keys:                              # every flow, not only modified ones
+                idx, status = b.table.lookup(key)
+                mine, _ = flows.table.lookup(key)
+                assert status == STANDBY
+                assert bytes(b.table.slots[idx]["state"]) == bytes(flows.table.slots[mine]["state"])
+    finally:
+        rm.close()
+        flows.close()
+        store.close()
+
+
+def test_the_controller_hears_of_an_unprotected_group(tmp_path, smm_factory):
+    import json
+    import zmq
+    from conftest import PACKET_GROUPS, free_port, write_config
+    from pmm.store import PacketStore
+    from shared import wire
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cfg = write_config(tmp_path, extra=PACKET_GROUPS, request_timeout_ms=200,
+                       controller=endpoint)
+    ctx = zmq.Context.instance()
+    controller = ctx.socket(zmq.ROUTER)
+    controller.setsockopt(zmq.LINGER, 0)
+    controller.bind(endpoint)
+    store = PacketStore(cfg, "r1")
+    smm_factory(cfg, "r1")
+    backup = smm_factory(cfg, "r2")
+    rm = RmServer(cfg, "r1", metrics=False)
+    try:
+        _pump(rm, lambda: rm.groups[WEB].committed >= 1, "a first commit")
+        backup.stop(signal.SIGKILL)
+        events = []
+        deadline = time.monotonic() + 10
+        while len({e["group"] for e in events}) < 2:     # web and dns, both on r2
+            assert time.monotonic() < deadline, events
+            rm.run_once()
+            rm.wait()
+            while controller.poll(0):
+                parts = controller.recv_multipart()
+                msg = wire.decode(parts[-1], 1 << 20)
+                assert msg.type == wire.EVENT
+                events.append(json.loads(msg.body))
+                controller.send_multipart(parts[:-1] + [wire.encode(
+                    wire.EVENT | wire.REPLY_BIT, msg.seq, wire.json_body({"ok": True}))])
+        ev = next(e for e in events if e["group"] == WEB)
+        assert ev["event"] == "group_unprotected" and ev["replica"] == "r1"
+        assert ev["target"] == "r2" and "did not acknowledge" in ev["reason"]
+        _pump(rm, lambda: not rm.events.pending, "the events are acknowledged")
+        assert rm.events.delivered >= 2
+    finally:
+        rm.close()
+        controller.close()
         store.close()

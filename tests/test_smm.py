@@ -133,6 +133,31 @@ def test_full_snapshot_replaces_the_group_and_restarts_the_stream(cluster, smm):
     assert stats(c)["flows"]["standby"] == 3
 
 
+def test_a_batch_applies_each_section_on_its_own(cluster, smm):
+    _, c = smm
+    up = [(k(1), wire.OP_UPSERT, 1, b"1" * STATE)]
+    sections = [wire.encode_install(2, 1, 1, 0, STATE, up),
+                wire.encode_install(2, 2, 5, 4, STATE, [(k(2), wire.OP_UPSERT, 1, b"2" * STATE)]),
+                b"\x00" * 10,                                                   # garbage
+                wire.encode_install(2, 3, 1, 0, STATE, [(k(3), wire.OP_UPSERT, 1, b"3" * STATE)])]
+    errors_before = sum(stats(c)["errors"].values())
+    reply = c.request(wire.INSTALL_BATCH, wire.encode_install_batch(sections))
+    rows = wire.decode_batch_reply(reply.body)
+    assert [(g, st) for g, st, _ in rows] == [(1, wire.OK), (2, wire.ERR_EPOCH_GAP),
+                                              (0, wire.ERR_TRUNCATED), (3, wire.OK)]
+    assert rows[0][2][2] == 1 and rows[3][2][2] == 1   # acked epochs of the good sections
+    assert stats(c)["flows"]["standby"] == 2           # the gap installed nothing
+    assert sum(stats(c)["errors"].values()) == errors_before + 2
+
+
+def test_a_delete_from_the_group_a_flow_left_keeps_the_new_groups_copy(cluster, smm):
+    _, c = smm
+    install(c, 1, 0, [(k(1), wire.OP_UPSERT, 1, b"1" * STATE)], group=1)
+    install(c, 1, 0, [(k(1), wire.OP_UPSERT, 2, b"2" * STATE)], group=2)   # moved to 2
+    assert install(c, 2, 1, [(k(1), wire.OP_DELETE, 2, None)], group=1)[5] == 0
+    assert stats(c)["flows"]["standby"] == 1
+
+
 def test_delete_records_remove_standby(cluster, smm):
     _, c = smm
     install(c, 1, 0, [(k(1), wire.OP_UPSERT, 1, b"1" * STATE), (k(2), wire.OP_UPSERT, 1, b"2" * STATE)])
@@ -186,6 +211,16 @@ BAD_FRAMES = {
     "dump-bad-limit": (wire.encode(wire.DUMP, 5, b'{"limit": "all"}'), wire.ERR_BAD_BODY),
     "dump-bad-group": (wire.encode(wire.DUMP, 5, b'{"group": "web"}'), wire.ERR_BAD_BODY),
     "dump-not-object": (wire.encode(wire.DUMP, 5, b'[1, 2]'), wire.ERR_BAD_BODY),
+    "batch-short": (wire.encode(wire.INSTALL_BATCH, 5, b"\x01"), wire.ERR_TRUNCATED),
+    "batch-section-missing": (wire.encode(wire.INSTALL_BATCH, 5, struct.pack("<II", 2, 0)),
+                              wire.ERR_TRUNCATED),
+    "batch-section-overruns": (wire.encode(wire.INSTALL_BATCH, 5,
+                                           struct.pack("<III", 1, 0, 999) + b"x"),
+                               wire.ERR_TRUNCATED),
+    "batch-trailing-bytes": (wire.encode(wire.INSTALL_BATCH, 5, struct.pack("<II", 0, 0) + b"z"),
+                             wire.ERR_TRUNCATED),
+    "batch-too-many": (wire.encode(wire.INSTALL_BATCH, 5, struct.pack("<II", 99999, 0)),
+                       wire.ERR_BAD_BODY),
 }
 
 
