@@ -93,7 +93,8 @@ def _run(tmp: Path, n_groups: int, freq: int, seconds: float, flows_per_group: i
             dirty = rng.choice(live, size=n, replace=False)
             slots["modified"][dirty] = 1
             slots["version"][dirty] += 1
-            stripes["dirty"][np.unique(dirty // sps)] = 1  # as put_flow does (pico_abi.h)
+            blocks = np.unique(dirty // (sps // 16))   # as put_flow does (pico_abi.h)
+            stripes["dirty"][blocks // 16, blocks % 16] = 1
             rm.run_once()
             rm.wait()
         cpu = time.process_time() - cpu0

@@ -15,7 +15,7 @@ from typing import Iterable, NamedTuple
 import numpy as np
 
 from shared import abi, wire
-from shared.flowtable import FlowTable
+from shared.flowtable import DIRTY_BLOCKS, FlowTable
 from shared.packets import fence
 
 ACTIVE, TOMBSTONE = abi.STATUS_ACTIVE, abi.STATUS_TOMBSTONE
@@ -69,17 +69,21 @@ def capture(table: FlowTable, groups: Iterable[int], full: Iterable[int] = ()) -
     groups, full = set(groups), set(full)
     if not groups:
         return {}
-    s, st = table.slots, table.stripes
-    hinted = np.flatnonzero(st["dirty"] != 0)
-    st["dirty"][hinted] = 0
+    s = table.slots
+    hints = table.stripes["dirty"]                  # (n_stripes, 16): a view, one byte per block
+    rows, cols = np.nonzero(hints)
+    hints[rows, cols] = 0
     fence()  # the clears are visible before we read modified (pico_abi.h, "Dirty hints")
-    idx = _runs(table, hinted)
+    block = table.g.slots_per_stripe // DIRTY_BLOCKS
+    hinted = rows * DIRTY_BLOCKS + cols             # block numbers; runs are contiguous
+    idx = (hinted[:, None] * block + np.arange(block)).ravel()
     status, grp = s["status"][idx], s["group"][idx]
     cand = (s["modified"][idx] == 1) & ((status == ACTIVE) | (status == TOMBSTONE))
     mine = cand & np.isin(grp, list(groups))
     others = cand & ~mine
-    if others.any():  # hints of groups we did not take stay set
-        st["dirty"][np.unique(idx[others] // table.g.slots_per_stripe)] = 1
+    if others.any():  # hints of groups we did not take are set again (a plain store of 1)
+        again = np.unique(idx[others] // block)
+        hints[again // DIRTY_BLOCKS, again % DIRTY_BLOCKS] = 1
     chosen, chosen_groups = idx[mine], grp[mine]
     if full:
         # a resync: every ACTIVE flow of the group, wherever it is (one whole-table read)

@@ -106,8 +106,8 @@ STRIPE = _struct([
     ("live", "<u4", 16),
     ("tombstones", "<u4", 20),
     ("recoveries", "<u8", 24),
-    ("dirty", "<u4", 32),
-    ("pad", ("u1", 28), 36),
+    ("dirty", ("u1", 16), 32),
+    ("pad", ("u1", 16), 48),
 ], 64)
 
 FLOW_KEY = _struct([

@@ -26,6 +26,7 @@ _OFF_REF, _OFF_VERSION, _OFF_EPOCH = _F["refcount"], _F["version"], _F["ckpt_epo
 _OFF_MOD, _OFF_TXN, _OFF_HASH = _F["modified"], _F["txn_pid"], _F["hash"]
 _STRIPE_LIVE, _STRIPE_TOMB = abi.STRIPE.fields["live"][1], abi.STRIPE.fields["tombstones"][1]
 _STRIPE_DIRTY = abi.STRIPE.fields["dirty"][1]
+DIRTY_BLOCKS = 16  # PICO_DIRTY_BLOCKS: hint bytes per run
 
 FREE, ACTIVE, STANDBY, TOMBSTONE = (abi.STATUS_FREE, abi.STATUS_ACTIVE, abi.STATUS_STANDBY,
                                     abi.STATUS_TOMBSTONE)
@@ -159,9 +160,12 @@ class FlowTable:
         if tomb:
             self._w32[(off + _STRIPE_TOMB) >> 2] = self._w32[(off + _STRIPE_TOMB) >> 2] + tomb
 
-    def _mark_dirty(self, stripe: int) -> None:
-        """The RM's hint that this run holds a modified slot (after modified is stored)."""
-        self._w32[(self.g.stripes_offset + stripe * 64 + _STRIPE_DIRTY) >> 2] = 1
+    def _mark_dirty(self, off: int) -> None:
+        """The RM's hint that the slot at `off` is modified (after modified is stored)."""
+        idx = (off - self.g.slots_offset) // self.g.slot_size
+        sps = self.g.slots_per_stripe
+        block = (idx & (sps - 1)) * DIRTY_BLOCKS // sps
+        self._buf[self.g.stripes_offset + (idx // sps) * 64 + _STRIPE_DIRTY + block] = 1
 
     def _claim(self, key: bytes, h: int, idx: int, status: int, group: int, owner: int) -> int:
         """Fill slot idx for key (stripe lock held) and publish its status last."""
@@ -186,7 +190,7 @@ class FlowTable:
         buf[state:state + self.g.state_size] = bytes(self.g.state_size)
         self._w32[(off + _OFF_STATUS) >> 2] = status  # publish last
         if status == ACTIVE:
-            self._mark_dirty(stripe)
+            self._mark_dirty(off)
         self._stripe_add(stripe, 1, -1 if old_status == TOMBSTONE else 0)
         return off
 
@@ -297,7 +301,7 @@ class FlowTable:
             if modified:
                 self._w32[(off + _OFF_MOD) >> 2] = 1
                 self._w64[(off + _OFF_VERSION) >> 3] = self._w64[(off + _OFF_VERSION) >> 3] + 1
-                self._mark_dirty(stripe)
+                self._mark_dirty(off)
             return True
         finally:
             self._unhold(stripe)
@@ -335,7 +339,7 @@ class FlowTable:
         self._w32[(off + _OFF_REF) >> 2] = 0
         self._w32[(off + _OFF_MOD) >> 2] = 1
         self._w64[(off + _OFF_VERSION) >> 3] = self._w64[(off + _OFF_VERSION) >> 3] + 1
-        self._mark_dirty(stripe)
+        self._mark_dirty(off)
         self._stripe_add(stripe, -1, 1)
 
     def set_group(self, key: bytes, group: int) -> int | None:
@@ -354,7 +358,7 @@ class FlowTable:
             self._w32[(off + _OFF_GROUP) >> 2] = group
             self._w32[(off + _OFF_MOD) >> 2] = 1
             self._w64[(off + _OFF_VERSION) >> 3] = self._w64[(off + _OFF_VERSION) >> 3] + 1
-            self._mark_dirty(stripe)
+            self._mark_dirty(off)
             return old
         finally:
             self._unhold(stripe)
@@ -440,7 +444,7 @@ class FlowTable:
                     self._w32[(off + _OFF_REF) >> 2] = 0
                     self._w32[(off + _OFF_MOD) >> 2] = 1
                     self._w32[(off + _OFF_STATUS) >> 2] = ACTIVE
-                    self._mark_dirty(stripe)
+                    self._mark_dirty(off)
                     keys.append(bytes(buf[off:off + KEY_SIZE]))
             finally:
                 self._unhold(stripe)

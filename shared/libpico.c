@@ -685,6 +685,14 @@ static inline pico_flow_slot *slot_at(pico_ctx *c, uint64_t idx)
  * key's own TOMBSTONE if there is one (so a re-created flow never coexists with its pending
  * delete; shared/flowtable.py does the same), else the first reusable slot seen: FREE, or a
  * TOMBSTONE that is not a pending delete (modified == 0, or group 0). */
+/* The RM's dirty hint for a slot whose modified was just set (pico_abi.h, "Dirty hints"). */
+static inline void mark_dirty(pico_ctx *c, const pico_flow_slot *sl, uint32_t s)
+{
+    uint64_t in_run = ((uint64_t)((const uint8_t *)sl - c->slots) / c->slot_size) & (c->sps - 1);
+    __atomic_store_n(&c->stripes[s].dirty[in_run * PICO_DIRTY_BLOCKS / c->sps], 1,
+                     __ATOMIC_RELEASE);
+}
+
 static pico_flow_slot *walk(pico_ctx *c, const pico_flow_key *key, uint64_t h, uint32_t s,
                             pico_flow_slot **reuse)
 {
@@ -811,7 +819,7 @@ int pico_get_flow(pico_ctx *c, const pico_flow_key *key, int create, uint32_t gr
     reuse->reserved = 0;
     memset((uint8_t *)reuse + PICO_SLOT_HEADER, 0, c->state_size);
     __atomic_store_n(&reuse->status, PICO_STATUS_ACTIVE, __ATOMIC_RELEASE); /* publish last */
-    __atomic_store_n(&st->dirty, 1, __ATOMIC_RELEASE); /* after modified: the RM's hint */
+    mark_dirty(c, reuse, s); /* after modified: the RM's hint */
     st->live++;
     if (was_tomb && st->tombstones > 0)
         st->tombstones--;
@@ -841,7 +849,7 @@ int pico_put_flow(pico_ctx *c, const pico_flow_key *key, int modified)
         if (modified) {
             sl->modified = 1;
             sl->version++;
-            __atomic_store_n(&c->stripes[s].dirty, 1, __ATOMIC_RELEASE);
+            mark_dirty(c, sl, s);
         }
     }
     unhold_stripe(c, s);
@@ -855,7 +863,7 @@ static void tombstone(pico_ctx *c, pico_flow_slot *sl, uint32_t s)
     sl->modified = 1;
     sl->version++;
     __atomic_store_n(&sl->status, PICO_STATUS_TOMBSTONE, __ATOMIC_RELEASE);
-    __atomic_store_n(&st->dirty, 1, __ATOMIC_RELEASE);
+    mark_dirty(c, sl, s);
     if (st->live > 0)
         st->live--;
     st->tombstones++;

@@ -85,15 +85,18 @@
  * refcount = 0, modified = 1, version += 1; ends the caller's transaction on that key if one is
  * open, else takes and releases the stripe itself. The RM copies a group's states only after
  * suspending the group's input and seeing refcount == 0 on its flows.
- * Dirty hints (ABI 1.2). Whoever sets a slot's modified = 1 for an ACTIVE or TOMBSTONE slot
- * (insert, put_flow with modified, del_flow, activation) then stores its stripe's dirty = 1,
- * still holding the stripe, so the RM need not scan the whole table per checkpoint. The RM, for
- * a set S of suspended, quiescent groups: for each stripe with dirty != 0, stores dirty = 0,
- * issues a full fence, then reads the run; every modified slot of a group outside S makes it
- * store dirty = 1 again. (A writer's dirty = 1 either lands after the RM's clear, so the hint
- * stays, or before it, and then its modified = 1 is visible to the RM's read.) Writers only
- * ever store 1; only the RM stores 0. Open transactions hold their stripe, so the RM looks for
- * refcount > 0 only in runs whose holder_pid is set (refcount is raised after holder_pid).
+ * Dirty hints (ABI 1.2). A run is cut into PICO_DIRTY_BLOCKS (16) blocks of slots_per_stripe/16
+ * slots; slot i of run s is in block (i * 16) / slots_per_stripe. Whoever sets a slot's
+ * modified = 1 for an ACTIVE or TOMBSTONE slot (insert, put_flow with modified, del_flow,
+ * activation, a move between groups) then stores 1 into its block's byte stripes[s].dirty[b],
+ * still holding the stripe, so the RM need not read the whole table per checkpoint. The RM,
+ * for a set S of suspended, quiescent groups: for each byte that is 1, stores 0; issues a full
+ * fence; then reads those blocks; every modified slot of a group outside S makes it store 1
+ * into that slot's byte again. (A writer's 1 either lands after the RM's 0, so the hint stays,
+ * or before it, and then its modified = 1 is visible to the RM's read.) Every store is a
+ * whole byte, so nobody read-modify-writes a word another process writes. Open transactions
+ * hold their stripe, so the RM looks for refcount > 0 only in runs whose holder_pid is set
+ * (refcount is raised after holder_pid).
  * Matching: a key has at most one slot. The lookup walk stops at the first slot whose key
  * equals ours, whatever its status; if that slot is a TOMBSTONE, an insert of the key reuses
  * exactly that slot (never an earlier reusable one), so an upsert never coexists with a pending
@@ -228,7 +231,8 @@
 #define PICO_GROUP_DEFAULT 0u /* the default, unprotected group (never checkpointed) */
 #define PICO_MAX_CLIENTS 64u
 #define PICO_SLOT_HEADER 96u  /* state[] starts here inside a slot */
-#define PICO_SLOT_ALIGN 32u   /* slot_size = round_up(PICO_SLOT_HEADER + state_size, 32) */
+#define PICO_SLOT_ALIGN 32u
+#define PICO_DIRTY_BLOCKS 16u /* dirty-hint blocks per run (pico_stripe.dirty) */   /* slot_size = round_up(PICO_SLOT_HEADER + state_size, 32) */
 #define PICO_SEM_PREFIX_LEN 48u
 
 typedef struct pico_seg_header {
@@ -290,11 +294,13 @@ typedef struct pico_stripe { /* one cache line; written by the stripe's current 
     uint32_t live;             /* 16 ACTIVE + STANDBY slots in this stripe's run */
     uint32_t tombstones;       /* 20 TOMBSTONE slots in this run */
     uint64_t recoveries;       /* 24 watchdog recoveries (SMM, while the holder is dead) */
-    uint32_t dirty;            /* 32 (ABI 1.2) 1 = some slot of this run may have modified = 1:
-                                *     set by every writer that sets a slot's modified (after
-                                *     it, holding the stripe); cleared only by the RM (see
-                                *     "Dirty hints" above) */
-    uint8_t pad[28];           /* 36 */
+    uint8_t dirty[16];         /* 32 (ABI 1.2) dirty[b] = 1: some slot of block b of this run
+                                *     (slots_per_stripe / 16 consecutive slots) may have
+                                *     modified = 1. Set by every writer that sets a slot's
+                                *     modified (after it, holding the stripe); cleared only
+                                *     by the RM (see "Dirty hints" above). Bytes, so every
+                                *     store is a whole word: nobody read-modify-writes. */
+    uint8_t pad[16];           /* 48 */
 } pico_stripe;
 
 typedef struct pico_flow_key {

@@ -132,12 +132,14 @@ def test_c_writers_leave_the_rms_dirty_hints(cluster, seg, cbuild):
     with attach_replica(cluster, "r1") as mb:
         t = mb.table
         flowtool(cbuild, seg, "put", *FLOW, "aa", "4")
-        stripe = t.lookup(KEY)[0] // t.g.slots_per_stripe
-        assert int(t.stripes["dirty"][stripe]) == 1
+        idx = t.lookup(KEY)[0]
+        stripe, at = idx // t.g.slots_per_stripe, idx % t.g.slots_per_stripe
+        block = at * 16 // t.g.slots_per_stripe
+        assert t.stripes["dirty"][stripe].tolist() == [int(b == block) for b in range(16)]
         got = capture(t, [4])[4]
         assert [bytes(r["key"]) for r in got.records] == [KEY]
         mark_captured(t, got.slots, 1)
-        assert int(t.stripes["dirty"][stripe]) == 0
+        assert not t.stripes["dirty"][stripe].any()
         flowtool(cbuild, seg, "del", *FLOW)
-        assert int(t.stripes["dirty"][stripe]) == 1
+        assert int(t.stripes["dirty"][stripe][block]) == 1
         assert [int(r["op"]) for r in capture(t, [4])[4].records] == [wire.OP_DELETE]
