@@ -19,6 +19,8 @@ import signal
 import threading
 import time
 
+import numpy as np
+
 from shared import log as pico_log
 from shared import wire
 from shared.api import attach_replica
@@ -119,18 +121,25 @@ class RmServer:
         now = time.monotonic() if now is None else now
         self._collect_acks()
         self.events.pump(now)
-        plans, txns = [], None
+        # 1. groups whose epoch ends are suspended now (stored and fenced in _apply)...
+        draining = []
         for ge in list(self.groups.values()):
             if ge.state == RUNNING:
                 if now < ge.next_due and now < ge.timeout_at:
                     continue
                 acts = ge.step(now)  # a suspending step judges nothing (rm/epochs.py)
-            else:  # draining: observe only now, after the suspension was stored
-                if txns is None:
-                    txns = open_transactions(self.flows.table)
+                if acts:
+                    self._apply(ge, acts)
+            if ge.state != RUNNING and ge.group in self.groups:
+                draining.append(ge)
+        # 2. ...so every draining group, those included, is observed after its suspension
+        plans = []
+        if draining:
+            txns = open_transactions(self.flows.table)
+            for ge in draining:
                 acts = ge.step(now, self.ctl.quiescent(ge.group), txns.get(ge.group, 0))
-            if acts:
-                plans.append((ge, acts))
+                if acts:
+                    plans.append((ge, acts))
         takes = [a for _, acts in plans for a in acts if isinstance(a, Capture)]
         if takes:
             got = capture(self.flows.table, [a.group for a in takes],
@@ -150,7 +159,6 @@ class RmServer:
         moved = self.moved_out.pop(group, None)
         if not moved:
             return recs
-        import numpy as np
         extra = np.zeros(len(moved), dtype=recs.dtype)
         for i, (key, version) in enumerate(moved):
             extra[i]["key"] = np.frombuffer(key, np.uint8)
