@@ -295,13 +295,14 @@ class FlowTable:
         try:
             if self._w32[(off + _OFF_STATUS) >> 2] != ACTIVE:
                 return False
-            ref = self._w32[(off + _OFF_REF) >> 2]
-            if ref:
-                self._w32[(off + _OFF_REF) >> 2] = ref - 1
             if modified:
                 self._w32[(off + _OFF_MOD) >> 2] = 1
                 self._w64[(off + _OFF_VERSION) >> 3] = self._w64[(off + _OFF_VERSION) >> 3] + 1
                 self._mark_dirty(off)
+            # refcount falls last: an RM that sees 0 also sees modified (pico_abi.h)
+            ref = self._w32[(off + _OFF_REF) >> 2]
+            if ref:
+                self._w32[(off + _OFF_REF) >> 2] = ref - 1
             return True
         finally:
             self._unhold(stripe)
@@ -335,11 +336,12 @@ class FlowTable:
             self._unhold(stripe)
 
     def _tombstone(self, off: int, stripe: int) -> None:
-        self._w32[(off + _OFF_STATUS) >> 2] = TOMBSTONE
-        self._w32[(off + _OFF_REF) >> 2] = 0
+        # modified before status, refcount last: an RM never sees a finished, unmarked delete
         self._w32[(off + _OFF_MOD) >> 2] = 1
         self._w64[(off + _OFF_VERSION) >> 3] = self._w64[(off + _OFF_VERSION) >> 3] + 1
         self._mark_dirty(off)
+        self._w32[(off + _OFF_STATUS) >> 2] = TOMBSTONE
+        self._w32[(off + _OFF_REF) >> 2] = 0
         self._stripe_add(stripe, -1, 1)
 
     def set_group(self, key: bytes, group: int) -> int | None:

@@ -844,13 +844,14 @@ int pico_put_flow(pico_ctx *c, const pico_flow_key *key, int modified)
         rc = fail(PICO_E_NOTFOUND, "pico_put_flow: the flow was deleted during its "
                   "transaction in %s", c->name);
     } else {
-        if (sl->refcount > 0)
-            sl->refcount--;
         if (modified) {
             sl->modified = 1;
             sl->version++;
             mark_dirty(c, sl, s);
         }
+        /* refcount falls last: an RM that sees 0 also sees modified (pico_abi.h) */
+        if (sl->refcount > 0)
+            __atomic_store_n(&sl->refcount, sl->refcount - 1, __ATOMIC_RELEASE);
     }
     unhold_stripe(c, s);
     return rc;
@@ -859,11 +860,12 @@ int pico_put_flow(pico_ctx *c, const pico_flow_key *key, int modified)
 static void tombstone(pico_ctx *c, pico_flow_slot *sl, uint32_t s)
 {
     pico_stripe *st = &c->stripes[s];
-    sl->refcount = 0;
+    /* modified before status, refcount last: an RM never sees a finished, unmarked delete */
     sl->modified = 1;
     sl->version++;
-    __atomic_store_n(&sl->status, PICO_STATUS_TOMBSTONE, __ATOMIC_RELEASE);
     mark_dirty(c, sl, s);
+    __atomic_store_n(&sl->status, PICO_STATUS_TOMBSTONE, __ATOMIC_RELEASE);
+    __atomic_store_n(&sl->refcount, 0, __ATOMIC_RELEASE);
     if (st->live > 0)
         st->live--;
     st->tombstones++;

@@ -80,8 +80,9 @@
  * several flows at once, even flows of one stripe; two threads taking two flows in opposite
  * orders can deadlock, which the lock timeout turns into an error. Keep transactions short.
  * get_flow (stripe taken) finds or creates the ACTIVE slot, refcount += 1, txn_pid = caller,
- * and hands back a pointer to state[]; the stripe stays taken. put_flow: refcount -= 1; if
- * modified: modified = 1, version += 1; stripe released. del_flow: status = TOMBSTONE,
+ * and hands back a pointer to state[]; the stripe stays taken. put_flow: if modified:
+ * modified = 1, version += 1 (and the dirty hint); then, last, refcount -= 1 (an RM that sees
+ * refcount 0 must also see modified); stripe released. del_flow: status = TOMBSTONE,
  * refcount = 0, modified = 1, version += 1; ends the caller's transaction on that key if one is
  * open, else takes and releases the stripe itself. The RM copies a group's states only after
  * suspending the group's input and seeing refcount == 0 on its flows.
