@@ -103,8 +103,8 @@ class RmControl:
 
     def _suspend(self, req: dict) -> dict:
         g = self._group(req)
+        self.server.ctl.suspend(g)             # (refuses the default group)
         self.server.operator_suspended.add(g)  # checkpoints go on; their resumes skip it
-        self.server.ctl.suspend(g)
         return {"group": g, "suspended": True}
 
     def _resume(self, req: dict) -> dict:

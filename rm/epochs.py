@@ -105,6 +105,7 @@ class GroupEpochs:
     commit_times: list[float] = field(default_factory=list)
     resync: bool = False           # the next epoch is taken as a FULL snapshot
     resyncs: int = 0
+    commits: int = 0               # acks that advanced `committed`
     timeout_at: float = math.inf   # no in-flight epoch can time out before this
 
     def __post_init__(self) -> None:
@@ -175,6 +176,7 @@ class GroupEpochs:
         del self.commit_latencies[:-4096]
         if acked_epoch > self.committed:
             self.committed = acked_epoch
+            self.commits += 1
             self.commit_times.append(now)
             del self.commit_times[:-256]
             return [Commit(self.group, acked_epoch)]

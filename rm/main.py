@@ -1,10 +1,11 @@
-"""pico-rm --config FILE --replica NAME: the Replication Module of one replica (first cut).
+"""pico-rm --config FILE --replica NAME: the Replication Module of one replica.
 
-Runs the checkpoint epochs of every protected group of the replica (a group with a target in
-the config): suspend, drain, capture the modified flows, resume, INSTALL them on the target's
-SMM, and commit on its ack so the PMM releases the group's output. It waits up to 30 s for the
-replica's SMM and PMM segments. Sends are pipelined; picoctl talks to it on rm_endpoint.
-Runtime group create/delete, flow moves and metrics come with the rest of the RM issue.
+Runs the checkpoint epochs of every protected group of the replica (a group whose target is
+another replica): suspend, drain, capture the modified flows, resume, INSTALL them on the
+target's SMM, and commit on its ack so the PMM releases the group's output. It waits up to 30 s
+for the replica's SMM and PMM segments. picoctl talks to it on rm_endpoint (groups created,
+deleted, retargeted; flows listed and moved); Prometheus metrics on metrics_port + 2; a group
+whose backup stops answering is unprotected and reported to control.controller_endpoint.
 """
 from __future__ import annotations
 

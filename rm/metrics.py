@@ -22,7 +22,7 @@ _GAUGES = (("configured_hz", "Checkpoint frequency the group is configured for")
            ("bytes_per_checkpoint", "Bytes of the last checkpoint sent"))
 _COUNTERS = (("retries", "Checkpoint sends retried after an ack timeout"),
              ("stuck", "Epochs not taken because the group did not drain in time"),
-             ("checkpoints", "Epochs the backup acknowledged"))
+             ("checkpoints", "Acks that advanced the committed epoch (since this RM started)"))
 
 
 def port_for(metrics_port: int | None) -> int | None:
@@ -35,7 +35,7 @@ def _values(ge, held: int | None) -> dict:
     return {"configured_hz": ge.frequency_hz, "achieved_hz": ge.achieved_hz(),
             "protected": int(ge.protected), "committed_epoch": ge.committed,
             "inflight": len(ge.inflight), "held": held, "bytes_per_checkpoint": ge.bytes_last,
-            "retries": ge.retries, "stuck": ge.stuck, "checkpoints": ge.committed}
+            "retries": ge.retries, "stuck": ge.stuck, "checkpoints": ge.commits}
 
 
 class RmMetrics:
@@ -70,6 +70,10 @@ class RmMetrics:
                     latency.append((str(gid), np.quantile(np.asarray(lat), [0.5, 0.99])))
             except Exception as e:
                 self.log.debug(f"metrics: group {gid} skipped: {e!r}")
+        for gid in sorted(set(held) - set(self.server.groups) - {0}):  # unprotected groups
+            values = dict.fromkeys(f for f, _ in _GAUGES + _COUNTERS)
+            values.update(protected=0, held=held[gid])
+            rows.append((str(gid), values))
         for kind, fields in ((GaugeMetricFamily, _GAUGES), (CounterMetricFamily, _COUNTERS)):
             for field, doc in fields:
                 fam = kind(f"pico_rm_group_{field}", doc, labels=["replica", "group"])

@@ -49,7 +49,7 @@ class RmServer:
         self.targets: dict[int, int] = {}              # group -> target replica id
         self.buffering: dict[int, bool] = {}           # wanted while protected
         self.captured: dict[int, dict[int, tuple]] = {}  # group -> epoch -> (records, full)
-        self.sent: dict[int, int] = {}                 # request seq -> target
+        self.sent: dict[tuple[int, int], float] = {}   # (target, request seq) -> sent at
         self.outbox: dict[int, list[bytes]] = {}       # target -> INSTALL bodies of this pass
         self.moved_out: dict[int, list[tuple[bytes, int]]] = {}  # group -> (key, version)
         self.operator_suspended: set[int] = set()      # picoctl suspend: epochs must not resume
@@ -159,12 +159,13 @@ class RmServer:
         moved = self.moved_out.pop(group, None)
         if not moved:
             return recs
-        extra = np.zeros(len(moved), dtype=recs.dtype)
-        for i, (key, version) in enumerate(moved):
-            extra[i]["key"] = np.frombuffer(key, np.uint8)
-            extra[i]["op"] = wire.OP_DELETE
-            extra[i]["version"] = version
-        return np.concatenate([recs, extra])
+        out = np.zeros(len(recs) + len(moved), dtype=recs.dtype)  # (np.concatenate would
+        out[:len(recs)] = recs                                       # pack the padded dtype)
+        for i, (key, version) in enumerate(moved, start=len(recs)):
+            out[i]["key"] = np.frombuffer(key, np.uint8)
+            out[i]["op"] = wire.OP_DELETE
+            out[i]["version"] = version
+        return out
 
     def _apply(self, ge: GroupEpochs, actions) -> None:
         g = ge.group
@@ -217,7 +218,7 @@ class RmServer:
                     seq = self.clients[target].send(wire.INSTALL_BATCH,
                                                     wire.encode_install_batch(batch))
                     if seq is not None:  # else the peer's queue is full: the retry resends
-                        self.sent[seq] = target
+                        self.sent[(target, seq)] = time.monotonic()  # seqs are per socket
                     batch, size = [], 0
                 if body is not None:
                     batch.append(body)
@@ -225,9 +226,12 @@ class RmServer:
         self.outbox.clear()
 
     def _collect_acks(self) -> None:
+        if len(self.sent) > 4096:  # requests a dead backup will never answer (retries resend)
+            old = time.monotonic() - 10 * self.config.control.request_timeout_ms / 1000.0
+            self.sent = {k: t for k, t in self.sent.items() if t > old}
         for target, client in self.clients.items():
             for reply in client.poll():
-                if self.sent.pop(reply.seq, None) is None:
+                if self.sent.pop((target, reply.seq), None) is None:
                     continue  # a late reply to a request already answered or given up on
                 if reply.status != wire.OK:
                     self.log.warning(f"INSTALL_BATCH refused by replica {target}: "

@@ -365,6 +365,25 @@ class FlowTable:
         finally:
             self._unhold(stripe)
 
+    def release_tombstones(self, group: int, to_group: int) -> int:
+        """Pending deletes of a group that is going away become reusable (they join
+        `to_group`, the default group, whose deletes are never sent); each under its stripe."""
+        n = 0
+        sps = self.g.slots_per_stripe
+        s = self.slots
+        for idx in np.flatnonzero((s["group"] == group) & (s["status"] == TOMBSTONE)):
+            stripe = int(idx) // sps
+            self._hold(stripe)
+            try:
+                off = self._slot_off(int(idx))
+                if (self._w32[(off + _OFF_STATUS) >> 2] == TOMBSTONE and
+                        self._w32[(off + _OFF_GROUP) >> 2] == group):
+                    self._w32[(off + _OFF_GROUP) >> 2] = to_group
+                    n += 1
+            finally:
+                self._unhold(stripe)
+        return n
+
     def lookup(self, key: bytes) -> tuple[int, int]:
         """(slot index, status) of key, or (-1, FREE); no transaction is counted."""
         h = hash_key(key)

@@ -1,5 +1,6 @@
 /*
- * pico_abi.h - the Pico shared-memory ABI, version 1.1 (1.0 plus the packet segment).
+ * pico_abi.h - the Pico shared-memory ABI, version 1.2 (1.0, plus the packet segment in 1.1,
+ * plus the stripes' dirty hints in 1.2).
  *
  * This header is THE layout specification. The Python binding (shared/abi.py) mirrors every
  * struct below as a numpy dtype with explicit offsets, and tests/test_abi_offsets.py compiles a

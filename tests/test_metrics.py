@@ -135,9 +135,13 @@ def test_rm_metrics_per_group():
     web.bytes_last, web.retries, web.stuck = 4096, 2, 1
     dns.step(dns.next_due)
     dns.step(dns.next_due + 0.0001)  # epoch 1 sent, not acked yet
-    m = RmMetrics("r1", None, fake_rm({1: web, 2: dns}, [{"id": 1, "held": 7}]))
+    m = RmMetrics("r1", None, fake_rm({1: web, 2: dns}, [{"id": 1, "held": 7},
+                                                          {"id": 9, "held": 3}]))
     s = samples(m.registry)
     g1, g2 = lab(replica="r1", group="1"), lab(replica="r1", group="2")
+    g9 = lab(replica="r1", group="9")  # in the table, not protected (its backup gave up)
+    assert s[("pico_rm_group_protected", g9)] == 0 and s[("pico_rm_group_held", g9)] == 3
+    assert ("pico_rm_group_configured_hz", g9) not in s
     assert s[("pico_rm_group_configured_hz", g1)] == 100
     assert s[("pico_rm_group_achieved_hz", g1)] == pytest.approx(100, rel=0.01)
     assert s[("pico_rm_group_protected", g1)] == 1

@@ -126,6 +126,15 @@ def test_groups_at_runtime_flows_and_moves(live_rm, capsys):
         idx, _ = flows.table.lookup(key)
         assert int(flows.table.slots[idx]["group"]) == 7
         _until(lambda: standby_group() == 7, "the new group's checkpoint carries the flow")
+        web = store.seg.groups[1]
+        after = int(web["committed"])
+        _until(lambda: int(web["committed"]) >= after + 2, "the old group's delete is taken")
+        with ControlClient(cfg.replica("r2").smm_endpoint) as smm:
+            backup_stats = json.loads(smm.request(wire.STATS).body)
+        assert backup_stats["errors"] == {}                       # every section was well formed
+        res = backup_stats["install_results"]   # the delete came, as one (before or after the
+        assert res.get("absent", 0) + res.get("deleted", 0) == 1  # new group's upsert)
+        assert standby_group() == 7
 
         # validated whole: a bad field changes nothing
         assert ctl(cfg, "group", "set", "7", "--frequency", "300", "--target", "r1") == 1
