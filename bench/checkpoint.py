@@ -134,7 +134,7 @@ def run(quick: bool) -> list[dict]:
                                       f" flows, one group) commit p{q}"))
             results.append(result(f"{n} groups @1000 Hz: RM CPU per checkpoint", r["cpu_us"], "us",
                                   whole["cpu_us"], "whole-box CPU per checkpoint"))
-        for f in (100, 1000, 5000):
+        for f in (100, 500, 1000, 2000, 5000):
             r = _run(tmp, 1, f, seconds, FLOWS_PER_GROUP)
             results.append(result(f"1 group @{f} Hz: achieved Hz", r["hz"], "Hz", f,
                                   "configured Hz"))
