@@ -1,0 +1,210 @@
+"""The cluster controller's decisions (pico-sdn), as a pure state machine.
+
+Inputs: the clock, replicas' heartbeats (each says whether all the replica's processes are
+healthy), switch port changes (link down/up of a replica's port), and the outcomes of the
+actions it asked for. Outputs: actions for the shell (sdn/server.py) to carry out. Nothing here
+sleeps or touches a socket, so the tests drive every path with a fake clock.
+
+A failover of replica X runs in the order that keeps connections alive (paper §4.4):
+  1. ACTIVATE: every surviving replica's SMM turns X's standby flows it holds into active ones;
+  2. REROUTE:  once they all answered (or the activation deadline passed), the new membership's
+               steering rules go to Faucet: X's buckets now lead to their backups;
+  3. REPROTECT: once Faucet applied it, every surviving replica learns the new membership (view)
+               and puts the flows it took over into groups that replicate to a live backup.
+Packets that reach a backup between 1 and 2 are held by its PMM, never dropped. The opposite
+order (ORDER_REROUTE_FIRST) exists only so a test can show that it breaks connections.
+One failover runs at a time; a replica that fails meanwhile waits its turn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from .ring import Ring, placements
+
+ORDER_ACTIVATE_FIRST, ORDER_REROUTE_FIRST = "activate-first", "reroute-first"
+IDLE, ACTIVATING, REROUTING, REPROTECTING = "idle", "activating", "rerouting", "reprotecting"
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Replica declared failed (logged, reported)."""
+    replica: str
+    reason: str
+    view: int
+
+
+@dataclass(frozen=True)
+class Activate:
+    replica: str          # whose SMM activates...
+    failed: str           # ...the standby flows owned by this replica
+    view: int
+
+
+@dataclass(frozen=True)
+class Reroute:
+    primaries: tuple      # bucket -> replica name (None: no live replica)
+    view: int
+
+
+@dataclass(frozen=True)
+class Reprotect:
+    replica: str
+    alive: tuple          # the new membership, sorted
+    view: int
+
+
+@dataclass(frozen=True)
+class FailoverDone:
+    replica: str
+    view: int
+    detected: float       # seconds from the last sign of life to the decision
+    activation: float     # seconds spent in each phase
+    reroute: float
+    reprotect: float
+
+
+Action = Union[Failed, Activate, Reroute, Reprotect, FailoverDone]
+
+
+@dataclass
+class _Failover:
+    replica: str
+    reason: str
+    since: float          # last sign of life
+    decided: float
+    view: int
+    waiting: set = field(default_factory=set)
+    phase_started: float = 0.0
+    times: dict = field(default_factory=dict)
+
+
+class Controller:
+    def __init__(self, replicas: list[str], now: float, heartbeat_timeout: float = 0.3,
+                 vnodes: int = 16, buckets: int = 16, activation_timeout: float = 1.0,
+                 reprotect_timeout: float = 2.0, order: str = ORDER_ACTIVATE_FIRST):
+        if order not in (ORDER_ACTIVATE_FIRST, ORDER_REROUTE_FIRST):
+            raise ValueError(f"unknown failover order {order!r}")
+        self.replicas = sorted(replicas)
+        self.alive = set(self.replicas)
+        self.heartbeat_timeout = heartbeat_timeout
+        self.activation_timeout = activation_timeout
+        self.reprotect_timeout = reprotect_timeout
+        self.vnodes, self.buckets, self.order = vnodes, buckets, order
+        self.last_beat = {r: now for r in self.replicas}  # start-up grace: one timeout
+        self.view = 1
+        self.phase = IDLE
+        self.current: _Failover | None = None
+        self.queue: list[_Failover] = []
+        self.history: list[FailoverDone] = []
+
+    # ---------------------------------------------------------------- placement
+    def primaries(self, alive=None) -> tuple:
+        alive = sorted(self.alive if alive is None else alive)
+        if not alive:
+            return (None,) * self.buckets
+        return tuple(p.primary for p in placements(Ring(alive, self.vnodes), self.buckets))
+
+    def start(self) -> list[Action]:
+        """The first steering rules, for the configured membership."""
+        return [Reroute(self.primaries(), self.view)]
+
+    # ---------------------------------------------------------------- inputs
+    def on_heartbeat(self, replica: str, now: float, healthy: bool = True,
+                     why: str = "") -> list[Action]:
+        if replica not in self.last_beat:
+            return []
+        if healthy:
+            self.last_beat[replica] = now
+            return []
+        return self._suspect(replica, f"unhealthy: {why}" if why else "unhealthy", now,
+                             self.last_beat[replica])
+
+    def on_link(self, replica: str, up: bool, now: float) -> list[Action]:
+        if up or replica not in self.last_beat:
+            return []
+        return self._suspect(replica, "link down", now, now)
+
+    def tick(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        for r in sorted(self.alive):
+            if now - self.last_beat[r] > self.heartbeat_timeout:
+                out += self._suspect(r, f"no heartbeat for {now - self.last_beat[r]:.3f} s",
+                                     now, self.last_beat[r])
+        if self.current is not None and self.phase in (ACTIVATING, REPROTECTING):
+            limit = self.activation_timeout if self.phase == ACTIVATING else self.reprotect_timeout
+            if now - self.current.phase_started > limit:
+                self.current.waiting.clear()  # those replicas did not answer: go on without
+                out += self._advance(now)
+        return out
+
+    def on_activated(self, replica: str, view: int, now: float) -> list[Action]:
+        return self._answered(ACTIVATING, replica, view, now)
+
+    def on_rerouted(self, view: int, now: float) -> list[Action]:
+        return self._answered(REROUTING, "faucet", view, now)
+
+    def on_reprotected(self, replica: str, view: int, now: float) -> list[Action]:
+        return self._answered(REPROTECTING, replica, view, now)
+
+    # ---------------------------------------------------------------- the failover
+    def _suspect(self, replica: str, reason: str, now: float, since: float) -> list[Action]:
+        if replica not in self.alive:
+            return []
+        self.alive.discard(replica)
+        self.view += 1
+        f = _Failover(replica, reason, since, now, self.view)
+        out: list[Action] = [Failed(replica, reason, self.view)]
+        if self.current is None:
+            out += self._begin(f, now)
+        else:
+            self.queue.append(f)
+        return out
+
+    def _begin(self, f: _Failover, now: float) -> list[Action]:
+        self.current = f
+        if self.order == ORDER_REROUTE_FIRST:
+            return self._phase(REROUTING, now)
+        return self._phase(ACTIVATING, now)
+
+    def _phase(self, phase: str, now: float) -> list[Action]:
+        f = self.current
+        if self.phase != IDLE and self.phase != phase:
+            f.times[self.phase] = now - f.phase_started
+        self.phase, f.phase_started = phase, now
+        survivors = sorted(self.alive)
+        if phase == ACTIVATING:
+            f.waiting = set(survivors)
+            acts = [Activate(r, f.replica, f.view) for r in survivors]
+        elif phase == REROUTING:
+            f.waiting = {"faucet"}
+            acts = [Reroute(self.primaries(), f.view)]
+        else:
+            f.waiting = set(survivors)
+            acts = [Reprotect(r, tuple(survivors), f.view) for r in survivors]
+        return acts if f.waiting else self._advance(now)
+
+    def _answered(self, phase: str, who: str, view: int, now: float) -> list[Action]:
+        f = self.current
+        if f is None or self.phase != phase or view != f.view:
+            return []  # a late answer to a phase already left
+        f.waiting.discard(who)
+        return [] if f.waiting else self._advance(now)
+
+    def _advance(self, now: float) -> list[Action]:
+        order = ([ACTIVATING, REROUTING, REPROTECTING] if self.order == ORDER_ACTIVATE_FIRST
+                 else [REROUTING, ACTIVATING, REPROTECTING])
+        i = order.index(self.phase)
+        if i + 1 < len(order):
+            return self._phase(order[i + 1], now)
+        f = self.current
+        f.times[self.phase] = now - f.phase_started
+        done = FailoverDone(f.replica, f.view, f.decided - f.since,
+                            f.times.get(ACTIVATING, 0.0), f.times.get(REROUTING, 0.0),
+                            f.times.get(REPROTECTING, 0.0))
+        self.history.append(done)
+        self.current, self.phase = None, IDLE
+        out: list[Action] = [done]
+        if self.queue:
+            out += self._begin(self.queue.pop(0), now)
+        return out

@@ -1,0 +1,122 @@
+"""The controller's failure detection and failover order, driven by a fake clock (pure)."""
+import pytest
+
+from sdn.core import (ORDER_REROUTE_FIRST, Activate, Controller, Failed, FailoverDone,
+                      Reprotect, Reroute)
+from sdn.ring import Ring, placements
+
+R = ["r1", "r2", "r3"]
+
+
+def ctl(**kw):
+    return Controller(R, now=0.0, heartbeat_timeout=0.3, buckets=16, **kw)
+
+
+def beat_all(c, now, but=()):
+    for r in R:
+        if r not in but:
+            c.on_heartbeat(r, now)
+
+
+def kinds(actions):
+    return [type(a).__name__ for a in actions]
+
+
+def test_start_steers_every_bucket_to_its_ring_primary():
+    c = ctl()
+    (r,) = c.start()
+    want = tuple(p.primary for p in placements(Ring(R, 16), 16))
+    assert r == Reroute(want, 1) and set(want) == set(R)
+
+
+def test_silence_past_the_timeout_is_a_failure_and_the_order_is_activate_reroute_reprotect():
+    c = ctl()
+    t = 0.0
+    for _ in range(5):                       # healthy heartbeats: nothing happens
+        t += 0.1
+        beat_all(c, t)
+        assert c.tick(t) == []
+    last = t
+    for _ in range(3):                       # r1 goes quiet
+        t += 0.1
+        beat_all(c, t, but=["r1"])
+        assert c.tick(t) == []
+    t += 0.11
+    acts = c.tick(t)
+    assert acts[0] == Failed("r1", acts[0].reason, 2) and "no heartbeat" in acts[0].reason
+    assert acts[1:] == [Activate("r2", "r1", 2), Activate("r3", "r1", 2)]
+    assert c.on_activated("r2", 2, t + 0.01) == []           # waits for every survivor
+    (reroute,) = c.on_activated("r3", 2, t + 0.02)
+    assert isinstance(reroute, Reroute) and "r1" not in reroute.primaries
+    old = placements(Ring(R, 16), 16)
+    for b, p in enumerate(old):                               # r1's buckets go to its backups
+        assert reroute.primaries[b] == (p.backup if p.primary == "r1" else p.primary)
+    acts = c.on_rerouted(2, t + 0.05)
+    assert acts == [Reprotect("r2", ("r2", "r3"), 2), Reprotect("r3", ("r2", "r3"), 2)]
+    c.on_reprotected("r3", 2, t + 0.06)
+    (done,) = c.on_reprotected("r2", 2, t + 0.07)
+    assert isinstance(done, FailoverDone) and done.replica == "r1"
+    assert done.detected == pytest.approx(t - last)
+    assert done.activation == pytest.approx(0.02) and done.reroute == pytest.approx(0.03)
+    assert c.phase == "idle" and c.alive == {"r2", "r3"}
+
+
+def test_link_down_fails_at_once_and_unhealthy_heartbeats_too():
+    c = ctl()
+    acts = c.on_link("r2", False, 0.05)
+    assert kinds(acts) == ["Failed", "Activate", "Activate"] and acts[0].reason == "link down"
+    assert c.on_link("r2", False, 0.06) == []                # already failed: once only
+    c2 = ctl()
+    acts = c2.on_heartbeat("r3", 0.1, healthy=False, why="pmm heartbeat 0.8 s old")
+    assert kinds(acts)[0] == "Failed" and "pmm heartbeat" in acts[0].reason
+
+
+def test_a_silent_survivor_does_not_block_the_failover_forever():
+    c = ctl(activation_timeout=0.5)
+    c.on_link("r1", False, 1.0)
+    c.on_activated("r2", 2, 1.1)
+    beat_all(c, 1.3, but=["r1"])
+    assert c.tick(1.4) == []
+    beat_all(c, 1.55, but=["r1"])                            # alive, but r3 never answers
+    acts = c.tick(1.6)
+    assert kinds(acts) == ["Reroute"]
+
+
+def test_late_and_stale_answers_change_nothing():
+    c = ctl()
+    c.on_link("r1", False, 1.0)
+    assert c.on_rerouted(2, 1.0) == []                       # not in that phase
+    assert c.on_activated("r2", 99, 1.0) == []               # another view
+    assert c.phase == "activating"
+
+
+def test_a_second_failure_waits_for_the_first_failover():
+    c = ctl()
+    c.on_link("r1", False, 1.0)
+    acts = c.on_link("r2", False, 1.01)
+    assert kinds(acts) == ["Failed"]                         # queued behind r1's failover
+    c.on_activated("r2", 2, 1.02)                            # (r2 answered before dying)
+    (reroute,) = c.on_activated("r3", 2, 1.02)
+    assert set(reroute.primaries) == {"r3"}                  # steers around both
+    acts = c.on_rerouted(2, 1.03)
+    assert acts == [Reprotect("r3", ("r3",), 2)]             # only the live one is asked
+    acts = c.on_reprotected("r3", 2, 1.04)
+    assert kinds(acts) == ["FailoverDone", "Activate"] and acts[1] == Activate("r3", "r2", 3)
+    assert acts[0].replica == "r1"
+
+
+def test_the_wrong_order_exists_for_the_negative_test():
+    c = ctl(order=ORDER_REROUTE_FIRST)
+    acts = c.on_link("r1", False, 1.0)
+    assert kinds(acts) == ["Failed", "Reroute"]
+    acts = c.on_rerouted(2, 1.01)
+    assert kinds(acts) == ["Activate", "Activate"]
+    with pytest.raises(ValueError):
+        Controller(R, 0.0, order="sideways")
+
+
+def test_the_last_replica_failing_leaves_buckets_unsteered():
+    c = Controller(["r1"], now=0.0, buckets=4)
+    acts = c.on_link("r1", False, 0.1)
+    assert kinds(acts) == ["Failed", "Reroute"]              # no survivor to activate
+    assert acts[1].primaries == (None,) * 4
