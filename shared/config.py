@@ -84,6 +84,8 @@ class ReplicaConfig:
     metrics_port: int | None = None
     namespace: str | None = None
     nfqueue: int = 1
+    switch_port: int | None = None
+    mac: str | None = None
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -110,6 +112,40 @@ class PacketsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SdnHost:
+    """An edge port of the switch: clients' traffic and servers' traffic are steered there."""
+    name: str
+    port: int
+    role: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaucetConfig:
+    config: str | None = None
+    event_sock: str | None = None
+    pid_file: str | None = None
+    prometheus_port: int = 9302
+    netns: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SdnConfig:
+    placement: str = "chords"
+    vnodes: int = 16
+    buckets: int = 16
+    client_subnet: str | None = None
+    frequency_hz: int = 1000
+    heartbeat_timeout_ms: int = 300
+    activation_timeout_ms: int = 1000
+    dp_id: int = 1
+    vid: int = 100
+    hosts: dict[str, SdnHost] = dataclasses.field(default_factory=dict)
+    faucet: FaucetConfig = dataclasses.field(default_factory=FaucetConfig)
+
+    CHORD_GROUP_BASE = 1000  # chords: group "to-<replica>" has id 1000 + replica id
+
+
+@dataclass(frozen=True, kw_only=True)
 class PolicyRule:
     """Classifies a new flow (by its first packet) into a group; the first matching rule wins."""
     group: str
@@ -131,6 +167,7 @@ class ClusterConfig:
     replicas: dict[str, ReplicaConfig]
     groups: dict[str, GroupConfig]
     policies: list[PolicyRule]
+    sdn: SdnConfig | None = None
 
     def replica(self, name: str) -> ReplicaConfig:
         try:
@@ -292,6 +329,9 @@ REPLICA = Section({
                           "serves on metrics_port+1, the RM on metrics_port+2 (127.0.0.1)"),
     "namespace": Field(_OPT_STR, None, doc="network namespace the replica runs in"),
     "nfqueue": Field(int, 1, in_range(0, 65535), "NFQUEUE number the PMM reads"),
+    "switch_port": Field(_OPT_INT, None, in_range(1, 65279), "OpenFlow port of the replica on the switch"),
+    "mac": Field(_OPT_STR, None, matches(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", "MAC address (lower case)"),
+                 "MAC address steered flows are sent to"),
 }, ReplicaConfig, injected=("name",))
 
 GROUP = Section({
@@ -309,6 +349,36 @@ PACKETS = Section({
                                 "drop a queued packet the middlebox has not written after this"),
     "queue_maxlen": Field(int, 16384, in_range(64, 1_000_000), "kernel NFQUEUE length"),
 }, PacketsConfig)
+
+SDN_HOST = Section({
+    "port": Field(int, check=in_range(1, 65279), doc="OpenFlow port"),
+    "role": Field(str, check=lambda v: None if v in ("client", "server") else
+                  f"must be client or server, got {v!r}", doc="client or server side"),
+}, SdnHost, injected=("name",))
+
+FAUCET = Section({
+    "config": Field(_OPT_STR, None, doc="faucet.yaml that pico-sdn writes"),
+    "event_sock": Field(_OPT_STR, None, doc="Faucet's event socket (FAUCET_EVENT_SOCK)"),
+    "pid_file": Field(_OPT_STR, None, doc="file holding Faucet's pid (for SIGHUP)"),
+    "prometheus_port": Field(int, 9302, _PORT, doc="Faucet's Prometheus port on 127.0.0.1 (poked after SIGHUP)"),
+    "netns": Field(_OPT_STR, None, doc="network namespace Faucet's Prometheus port is in"),
+}, FaucetConfig)
+
+SDN = Section({
+    "placement": Field(str, "chords", lambda v: None if v in ("chords", "streams") else
+                       f"must be chords or streams, got {v!r}", "HA placement policy"),
+    "vnodes": Field(int, 16, in_range(1, 1024), "virtual nodes per replica on the ring"),
+    "buckets": Field(int, 16, all_of(in_range(1, 256), power_of_two),
+                     "steering buckets (low bits of the client address)"),
+    "client_subnet": Field(_OPT_STR, None, cidr, "where clients are (the steered side)"),
+    "frequency_hz": Field(int, 1000, in_range(10, 20000), "chords groups' checkpoint frequency"),
+    "heartbeat_timeout_ms": Field(int, 300, in_range(20, 60000), "silence that fails a replica"),
+    "activation_timeout_ms": Field(int, 1000, in_range(10, 60000), "wait for activations"),
+    "dp_id": Field(int, 1, in_range(1, 2**48), "the switch's datapath id"),
+    "vid": Field(int, 100, in_range(1, 4094), "VLAN of every port"),
+    "hosts": Field(MapOf(SDN_HOST, r"[a-z][a-z0-9-]{0,14}"), {}, doc="edge ports"),
+    "faucet": Field(FAUCET, {}),
+}, SdnConfig)
 
 POLICY = Section({
     "group": Field(str, doc="group name (or 'default') that matching new flows join"),
@@ -329,13 +399,15 @@ TOP = Section({
     "packets": Field(PACKETS, {}),
     "groups": Field(MapOf(GROUP, r"[a-z][a-z0-9-]{0,23}"), {}),
     "policies": Field(ListOf(POLICY), []),
+    "sdn": Field((SDN, type(None)), None),
 }, ClusterConfig, injected=("path",))
 
 
 def _assert_schema_matches_dataclasses() -> None:
     # The schema and the dataclasses are written separately for readability;
     # fail at import if someone adds a key to one but not the other.
-    for section in (CLUSTER, FLOW_TABLE, CONTROL, PACKETS, POLICY, REPLICA, GROUP, TOP):
+    for section in (CLUSTER, FLOW_TABLE, CONTROL, PACKETS, POLICY, REPLICA, GROUP, TOP, SDN,
+                    SDN_HOST, FAUCET):
         attrs = {f.name for f in dataclasses.fields(section.cls)} - set(section.injected)
         assert attrs == set(section.fields), (section.cls.__name__, attrs ^ set(section.fields))
 
@@ -474,6 +546,10 @@ def _build(section: Section, raw: Any, key: str, line: int | None, path: str,
 
 def _value(field: Field, value: Any, key: str, line: int | None, path: str) -> Any:
     t = field.type
+    if isinstance(t, tuple) and any(isinstance(x, Section) for x in t):  # an optional section
+        if value is None:
+            return None
+        return _build(next(x for x in t if isinstance(x, Section)), value, key, line, path)
     if isinstance(t, Section):
         return _build(t, value, key, line, path)
     if isinstance(t, MapOf):
@@ -559,12 +635,40 @@ def _check_references(cfg: ClusterConfig, raw: Any) -> None:
         raise ConfigError(f"{len(cfg.groups)} groups plus the default group exceed "
                           f"packets.max_groups ({cfg.packets.max_groups}); raise it",
                           cfg.path, _line_at(raw, "groups"), "groups")
+    if cfg.sdn is not None:
+        _check_sdn(cfg, raw)
     for g in cfg.groups.values():
         if g.target is not None and g.target not in cfg.replicas:
             key = f"groups.{g.name}.target"
             raise ConfigError(f"target {g.target!r} is not a replica; use one of: {', '.join(cfg.replicas)} "
                               "(or drop the key)",
                               cfg.path, _line_at(raw, key), key)
+
+
+def _check_sdn(cfg: ClusterConfig, raw: Any) -> None:
+    sdn, where = cfg.sdn, lambda k: (cfg.path, _line_at(raw, k), k)
+    if sdn.placement == "chords" and sdn.client_subnet is None:
+        raise ConfigError("chords placement needs sdn.client_subnet (the clients' side: a "
+                          "flow's bucket is its client address's low bits)", *where("sdn"))
+    if not sdn.hosts:
+        return
+    for r in cfg.replicas.values():
+        for k in ("switch_port", "mac"):
+            if getattr(r, k) is None:
+                raise ConfigError(f"replica {r.name} needs {k}: sdn.hosts steers flows to "
+                                  "replicas by switch port and MAC", *where(f"replicas.{r.name}"))
+    ports = [(h.port, f"sdn.hosts.{h.name}.port") for h in sdn.hosts.values()] + \
+        [(r.switch_port, f"replicas.{r.name}.switch_port") for r in cfg.replicas.values()]
+    first: dict[int, str] = {}
+    for port, key in ports:
+        if port in first:
+            raise ConfigError(f"switch port {port} is already used by {first[port]}; each host "
+                              "and replica needs its own port", *where(key))
+        first[port] = key
+    if not any(h.role == "client" for h in sdn.hosts.values()) or \
+            not any(h.role == "server" for h in sdn.hosts.values()):
+        raise ConfigError("sdn.hosts needs at least one client and one server port",
+                          *where("sdn.hosts"))
 
 
 # --------------------------------------------------------------------------- public entry points
@@ -578,8 +682,32 @@ def parse_config(text: str, path: str | Path = "<string>") -> ClusterConfig:
         raise ConfigError(f"top level must be a mapping (version, cluster, replicas, ...), "
                           f"got {_type_name(type(raw))}; see configs/demo.yaml for the layout", path, start)
     cfg = _build(TOP, raw, "", start, path, {"path": path})
+    cfg = _with_chord_groups(cfg, raw)
     _check_references(cfg, raw)
     return cfg
+
+
+def _with_chord_groups(cfg: ClusterConfig, raw: Any) -> ClusterConfig:
+    """Elastic Pico Chords groups flows by their backup: one group `to-<replica>` per replica
+    (id 1000 + replica id), in every replica's table, added here so every process agrees."""
+    if cfg.sdn is None or cfg.sdn.placement != "chords":
+        return cfg
+    groups = dict(cfg.groups)
+    for r in cfg.replicas.values():
+        name, gid = f"to-{r.name}", SdnConfig.CHORD_GROUP_BASE + r.id
+        clash = next((g for g in groups.values() if g.name == name or g.id == gid), None)
+        if clash is not None:
+            key = f"groups.{clash.name}"
+            raise ConfigError(f"group {clash.name!r} (id {clash.id}) clashes with the chords "
+                              f"group {name!r} (id {gid}) that sdn.placement: chords adds; "
+                              "rename it or choose another id", cfg.path, _line_at(raw, key), key)
+        if gid > 65535:
+            raise ConfigError(f"replica {r.name}'s id {r.id} is too large for chords groups "
+                              f"(1000 + id must be <= 65535)", cfg.path,
+                              _line_at(raw, f"replicas.{r.name}.id"), f"replicas.{r.name}.id")
+        groups[name] = GroupConfig(name=name, id=gid, frequency_hz=cfg.sdn.frequency_hz,
+                                   target=r.name, buffering=True)
+    return dataclasses.replace(cfg, groups=groups)
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG) -> ClusterConfig:

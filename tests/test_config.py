@@ -334,3 +334,44 @@ def test_metrics_ports_leave_room_for_the_pmm_and_the_rm(tmp_path):
     assert load_text(tmp_path, spaced)[0].replicas["r2"].metrics_port == 9403
     high = edit(r1, r1 + "    metrics_port: 65534\n")
     expect_error(tmp_path, high, 8, "replicas.r1.metrics_port", "at most 65533")
+
+
+SDN = """sdn:
+  placement: chords
+  client_subnet: 10.70.0.0/24
+  buckets: 8
+  hosts:
+    c1: {port: 1, role: client}
+    s1: {port: 2, role: server}
+"""
+
+
+def _with_switch(text: str) -> str:
+    text = text.replace("    smm_endpoint: tcp://127.0.0.1:7101\n",
+                        "    smm_endpoint: tcp://127.0.0.1:7101\n    switch_port: 3\n"
+                        "    mac: 0e:00:00:00:00:03\n")
+    return text.replace("    rm_endpoint: tcp://127.0.0.1:7202\n",
+                        "    rm_endpoint: tcp://127.0.0.1:7202\n    switch_port: 4\n"
+                        "    mac: 0e:00:00:00:00:04\n")
+
+
+def test_chords_adds_one_group_per_backup(tmp_path):
+    cfg, _ = load_text(tmp_path, _with_switch(BASE) + SDN)
+    assert cfg.sdn.buckets == 8 and cfg.sdn.hosts["c1"].role == "client"
+    to = {n: (g.id, g.target) for n, g in cfg.groups.items() if n.startswith("to-")}
+    assert to == {"to-r1": (1001, "r1"), "to-r2": (1002, "r2")}
+    assert cfg.groups["web"].id == 1                       # the user's groups stay
+    assert load_text(tmp_path, BASE)[0].sdn is None        # no sdn section: no chords
+
+
+def test_sdn_errors_are_located(tmp_path):
+    expect_error(tmp_path, BASE + SDN, 5, "replicas.r1", "needs switch_port")
+    no_subnet = SDN.replace("  client_subnet: 10.70.0.0/24\n", "")
+    expect_error(tmp_path, _with_switch(BASE) + no_subnet, 20, "sdn", "client_subnet")
+    clash = SDN.replace("s1: {port: 2", "s1: {port: 3")
+    expect_error(tmp_path, _with_switch(BASE) + clash, 8, "replicas.r1.switch_port",
+                 "already used by sdn.hosts.s1.port")
+    odd = SDN.replace("buckets: 8", "buckets: 6")
+    expect_error(tmp_path, _with_switch(BASE) + odd, 23, "sdn.buckets", "power of two")
+    taken = _with_switch(BASE).replace("    id: 1\n    target: r2", "    id: 1002\n    target: r2")
+    expect_error(tmp_path, taken + SDN, 17, "groups.web", "clashes with the chords group")
