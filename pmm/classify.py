@@ -55,7 +55,13 @@ class CompiledRule:
 
 
 class Classifier:
-    def __init__(self, config):
+    """Policies first; then, under chords placement, the flow's bucket; else the default.
+    `membership()` returns the packet segment's alive_mask (0: no view yet, all alive)."""
+
+    def __init__(self, config, replica: str | None = None, membership=None):
+        self.chords = (ChordsPlacer(config, replica) if replica and config.sdn is not None
+                       and config.sdn.placement == "chords" else None)
+        self.membership = membership or (lambda: 0)
         ids = {name: g.id for name, g in config.groups.items()}
         ids["default"] = abi.GROUP_DEFAULT
         self.rules = [CompiledRule(ids[r.group],
@@ -67,4 +73,55 @@ class Classifier:
         for rule in self.rules:
             if rule.matches(proto, src, dst, sport, dport):
                 return rule.group
+        if self.chords is not None:
+            g = self.chords.group_of(src, dst, self.membership())
+            if g is not None:
+                return g
         return abi.GROUP_DEFAULT
+
+
+class ChordsPlacer:
+    """Elastic Pico Chords (sdn.placement: chords): a new flow joins the group `to-<backup>` of
+    its bucket's backup replica, on the ring of the replicas alive in the current view (the RM
+    writes it into the packet segment for the controller). The bucket is the low bits of the
+    client's address: the end of the flow inside sdn.client_subnet (IPv4). Pure."""
+
+    def __init__(self, config, replica: str):
+        from sdn.ring import Ring, bucket_position
+        sdn = config.sdn
+        self._ring_cls, self._bucket_position = Ring, bucket_position
+        self.me = replica
+        self.buckets, self.vnodes = sdn.buckets, sdn.vnodes
+        self.subnet = _net(sdn.client_subnet)
+        self.names = {r.id: name for name, r in config.replicas.items()}
+        self.group_ids = {name: sdn.CHORD_GROUP_BASE + r.id for name, r in config.replicas.items()}
+        self._table: tuple[int, list[int | None]] | None = None
+
+    def _groups(self, alive_mask: int) -> list[int | None]:
+        alive = [n for rid, n in self.names.items() if alive_mask == 0 or alive_mask >> (rid - 1) & 1]
+        if self.me not in alive:
+            alive.append(self.me)  # we are alive, whatever an old view says
+        ring = self._ring_cls(alive, self.vnodes)
+        out = []
+        for b in range(self.buckets):
+            pl = ring.place(self._bucket_position(b))
+            backup = pl.backup if pl.primary == self.me else (
+                pl.primary if pl.primary != self.me else pl.backup)
+            out.append(self.group_ids[backup] if backup else None)
+        return out
+
+    def group_of(self, src: int, dst: int, alive_mask: int) -> int | None:
+        """The group of a new flow from src to dst (128-bit, IPv4-mapped), or None: not a
+        client flow of this cluster (let the policies decide)."""
+        if self.subnet is None:
+            return None
+        base, mask = self.subnet
+        if src & mask == base:
+            client = src
+        elif dst & mask == base:
+            client = dst
+        else:
+            return None
+        if self._table is None or self._table[0] != alive_mask:
+            self._table = (alive_mask, self._groups(alive_mask))
+        return self._table[1][client & (self.buckets - 1)]

@@ -7,10 +7,15 @@ Two threads, one job each:
   lets go, and gives their verdicts (accept with the new bytes, drop, or a raw-socket send). It
   also drops packets the middlebox never wrote in time, and beats the heartbeat.
 A crash in either thread stops the whole process (fate-sharing: the replica fails whole).
+
+Packets of a flow that is STANDBY in this replica's flow table are held by the main thread
+(Ingress's StandbyHold), their verdict pending, until the SMM activates the flow (the main
+thread watches the flow segment's `activated` counter) or packets.standby_hold_ms passes.
 """
 from __future__ import annotations
 
 import json
+import math
 import select
 import signal
 import socket
@@ -18,21 +23,31 @@ import threading
 import time
 
 
+from shared import abi
 from shared import log as pico_log
 from shared.api import attach_replica
 from shared.errors import PicoError
 from shared.flowtable import ACTIVE, STANDBY
 from shared.packets import IN_WAITING, OUT_WAITING, Doorbell
+from shared.words import word_views
 
 from .audit import record as audit_record
 from .checksum import fix_checksums
 from .classify import Classifier
-from .core import DROP, QUEUED, SEND, Ingress, Releaser
+from .core import (DROP, FLOW_STANDBY, HELD, QUEUED, SEND, STANDBY_HOLD_MAX, Ingress,
+                   Releaser, StandbyHold)
 from .metrics import PmmMetrics, port_for
 from .store import PacketStore
 
 SWEEP_INTERVAL_S = 0.05
 STOP_POLL_S = 0.2
+# While packets are held for a standby flow, the main loop looks at the SMM's `activated`
+# counter (one shared word) this often, so a held flow leaves within ~5 ms of its activation.
+HOLD_POLL_S = 0.005
+# The pending-time mark of a held packet: the pending sweep never takes it for lost (the hold
+# has its own deadline). It gets its real time back when the hold queues it.
+HELD_SINCE = math.inf
+_ACTIVATED = (abi.FLOW_COUNTERS_OFFSET + abi.FLOW_COUNTERS.fields["activated"][1]) >> 3
 
 
 class RawSender:
@@ -78,7 +93,11 @@ class PmmServer:
         except BaseException:
             self.store.close(unlink=True)  # leave nothing behind for a failed start
             raise
-        self.ingress = Ingress(self.seg, Classifier(config), self._flow_group)
+        self.hold = StandbyHold(config.packets.standby_hold_ms / 1000.0, STANDBY_HOLD_MAX)
+        # (chords placement: the membership view the RM writes decides new flows' groups)
+        classifier = Classifier(config, replica, membership=lambda: self.seg.membership()[1])
+        self.ingress = Ingress(self.seg, classifier, self._flow_group, self.hold)
+        (self._flow_words,) = word_views(self.flows.segment.buf, "Q")
         self.releaser = Releaser(self.seg)
         self.raw = RawSender()
         buf = self.seg.segment.buf
@@ -98,23 +117,73 @@ class PmmServer:
     def _flow_group(self, key: bytes, h: int) -> int | None:
         table = self.flows.table
         idx, status = table.lookup(key)
-        if status in (ACTIVE, STANDBY):
+        if status == ACTIVE:
             return int(table.slots["group"][idx])
+        if status == STANDBY:
+            return FLOW_STANDBY  # not activated yet: Ingress holds its packets
         return None
+
+    def _activated(self) -> int:
+        """The SMM's `activated` counter: it changes on every ACTIVATE that activated a flow,
+        after the slots turned ACTIVE."""
+        return int(self._flow_words[_ACTIVATED])
 
     def _on_packet(self, pkt) -> None:
         pid = pkt.id
+        now = time.monotonic()
         # Pending first: once queued, the packet may come back for its verdict at once.
-        self.pending[pid] = (pkt, time.monotonic())
+        self.pending[pid] = (pkt, now)
         try:
-            result = self.ingress.on_packet(pid, pkt.get_payload())
+            result = self.ingress.on_packet(pid, pkt.get_payload(), now)
         except Exception:  # never let one packet take the queue down: drop it and go on
             self.log.exception("failed to queue a packet; dropped")
             result = None
         if result == QUEUED:
             self.in_bell.ring()
+        elif result == HELD:
+            self.pending[pid] = (pkt, HELD_SINCE)  # in no ring, on purpose: not lost
         elif self.pending.pop(pid, None) is not None:
             pkt.drop()
+
+    def _poll_hold(self) -> None:
+        """Main thread: queue the held packets whose flow was activated (in arrival order),
+        drop those past standby_hold_ms. Cheap when nothing changed: one shared word read."""
+        if not self.hold.count:
+            return
+        now = time.monotonic()
+        actions = self.ingress.poll_hold(now, self._activated())
+        queued = False
+        for held in actions.queue:
+            pid = held.packet_id
+            entry = self.pending.get(pid)
+            if entry is None:
+                continue  # decided already (cannot happen: only this thread decides held ones)
+            pkt = entry[0]
+            # Its pending time restarts now, and before the push: the middlebox may answer at once.
+            self.pending[pid] = (pkt, now)
+            try:
+                result = self.ingress.requeue(held, now)
+            except Exception:
+                self.log.exception("failed to queue a held packet; dropped")
+                result = None
+            if result == QUEUED:
+                queued = True
+            elif result == HELD:
+                self.pending[pid] = (pkt, HELD_SINCE)
+            elif self.pending.pop(pid, None) is not None:
+                pkt.drop()
+        if queued:
+            self.in_bell.ring()
+        if actions.drop:
+            for held in actions.drop:
+                entry = self.pending.pop(held.packet_id, None)
+                if entry is not None:
+                    try:
+                        entry[0].drop()
+                    except (OSError, RuntimeError):
+                        pass
+            self.log.warning(f"dropped {len(actions.drop)} packet(s) of standby flows not "
+                             f"activated within {self.hold.hold_s:g} s")
 
     # ---------------------------------------------------------------- release (thread)
     def _release_loop(self) -> None:
@@ -240,9 +309,12 @@ class PmmServer:
             # Our own loop around a non-blocking run(): NetfilterQueue's blocking run() ignores
             # exceptions raised by signal handlers, so SIGTERM could not stop it.
             while not self._stop.is_set():
-                ready, _, _ = select.select([fd], [], [], STOP_POLL_S)
+                ready, _, _ = select.select([fd], [], [],
+                                            HOLD_POLL_S if self.hold.count else STOP_POLL_S)
                 if ready:
                     nfq.run(block=False)
+                self._poll_hold()
+                if ready:
                     # Release what the middlebox already wrote, here and now: under load this
                     # saves waking the release thread (and moving the GIL) for every packet.
                     if self._release_lock.acquire(blocking=False):
@@ -268,6 +340,7 @@ class PmmServer:
         if self._audit:
             self._audit.close()
         self.metrics.close()
+        self._flow_words.release()  # before the flow segment is unmapped
         self.flows.close()
         self.store.close(unlink=True)
         self.log.info("stopped; packet segment removed")

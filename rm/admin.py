@@ -233,6 +233,67 @@ class Admin:
         s.log.info(f"group={group} set: " + ", ".join(f"{k}={v}" for k, v in req.items()))
         return {"group": group, **req}
 
+    def apply_view(self, view, alive) -> dict:
+        """The controller's new membership view: groups whose backup left stop being protected
+        (their held output leaves), and under chords placement the flows this replica took over
+        (activated into a group whose backup is itself or gone) move to the group of their
+        bucket's new backup. Idempotent: an old or repeated view changes nothing."""
+        s = self.s
+        if not isinstance(view, int) or isinstance(view, bool) or view < 1:
+            raise _bad("'view' must be a positive integer")
+        if not isinstance(alive, list) or not all(isinstance(n, str) for n in alive):
+            raise _bad("'alive' must be a list of replica names")
+        unknown = [n for n in alive if n not in s.config.replicas]
+        if unknown:
+            raise _bad(f"unknown replica(s) in the view: {unknown}")
+        if view <= s.view:
+            return {"view": s.view, "applied": False, "moved": 0, "unprotected": []}
+        ids = {n: s.config.replica(n).id for n in alive}
+        s.ctl.set_view(view, ids.values())
+        s.view = view
+        gone = {r.id for n, r in s.config.replicas.items() if n not in ids}
+        unprotected = []
+        for g, target in sorted(s.targets.items()):
+            if target in gone:
+                self._stop_protecting(g)
+                unprotected.append(g)
+        moved = self._regroup(set(ids.values())) if s.config.sdn is not None and \
+            s.config.sdn.placement == "chords" else 0
+        s.log.info(f"view {view}: alive {sorted(ids)}; {len(unprotected)} group(s) lost their "
+                   f"backup, {moved} flow(s) re-protected")
+        return {"view": view, "applied": True, "moved": moved, "unprotected": unprotected}
+
+    def _regroup(self, alive_ids: set[int]) -> int:
+        from pmm.classify import ChordsPlacer
+        s = self.s
+        sdn, me = s.config.sdn, s.replica.id
+        chord = {sdn.CHORD_GROUP_BASE + r.id: r.id for r in s.config.replicas.values()}
+        orphan = [g for g, target in chord.items() if target == me or target not in alive_ids]
+        slots = s.flows.table.slots
+        idx = np.flatnonzero((slots["status"] == ACTIVE) & np.isin(slots["group"], orphan))
+        if not len(idx):
+            return 0
+        placer = ChordsPlacer(s.config, s.replica.name)
+        mask = sum(1 << (i - 1) for i in alive_ids)
+        plan = []
+        for i in idx:
+            key = slots["key"][i].tobytes()
+            a, b = int.from_bytes(key[:16], "big"), int.from_bytes(key[16:32], "big")
+            new = placer.group_of(a, b, mask) or abi.GROUP_DEFAULT
+            plan.append((key, int(slots["group"][i]), new))
+        involved = {g for _, old, new in plan for g in (old, new)
+                    if g in s.seg.active_groups()}
+        self.hold(involved)
+        moved = 0
+        try:
+            for key, old, new in plan:
+                if new != old and s.flows.table.set_group(key, new) is not None:
+                    moved += 1
+            s.ctl.bump_generation()
+        finally:
+            self.release(involved)
+        return moved
+
     def flows(self, group=None, limit: int = 100) -> dict:
         s = self.s
         if not isinstance(limit, int) or not 1 <= limit <= 100000:

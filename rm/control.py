@@ -44,7 +44,7 @@ class RmControl:
                        wire.SUSPEND: self._suspend, wire.RESUME: self._resume,
                        wire.GROUP_SET: self._set, wire.GROUP_CREATE: self._create,
                        wire.GROUP_DELETE: self._delete, wire.FLOWS: self._flows,
-                       wire.MOVE: self._move}.get(msg.type)
+                       wire.MOVE: self._move, wire.VIEW: self._view}.get(msg.type)
             if handler is None:
                 raise WireError(wire.ERR_UNKNOWN_TYPE, f"the RM does not serve request type "
                                 f"{msg.type}; it serves ping, stats, groups, suspend, resume, "
@@ -129,6 +129,9 @@ class RmControl:
 
     def _flows(self, req: dict) -> dict:
         return self.admin.flows(req.get("group"), req.get("limit", 100))
+
+    def _view(self, req: dict) -> dict:
+        return self.admin.apply_view(req.get("view"), req.get("alive"))
 
     def _move(self, req: dict) -> dict:
         return self.admin.move(req.get("key"), req.get("group"))

@@ -43,6 +43,11 @@ class ControllerEvents:
                            f"in time: dropped ({self.dropped} so far)")
         self._send(n, time.monotonic())
 
+    def beat(self, body: dict) -> None:
+        """A heartbeat: sent once, never queued or resent (only the latest one matters)."""
+        if self.client is not None:
+            self.client.send(wire.EVENT, wire.json_body({"event": "heartbeat", **body}))
+
     def _send(self, n: int, now: float) -> None:
         seq = self.client.send(wire.EVENT, wire.json_body(self.pending[n]))
         self.sent_at[n] = now

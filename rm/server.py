@@ -25,7 +25,9 @@ from shared import log as pico_log
 from shared import wire
 from shared.api import attach_replica
 from shared.control import AsyncControl
+from shared import abi
 from shared.packets import attach_control, pkt_segment_name
+from shared.segment import process_alive
 
 from .capture import capture, mark_captured, open_transactions
 from .epochs import (RUNNING, Capture, Commit, GroupEpochs, OpenEpoch, Resume, Send, Stuck, Suspend,
@@ -57,6 +59,11 @@ class RmServer:
         self.unprotected_total = 0
         self.events = ControllerEvents(config.control.controller_endpoint, self.log,
                                        retry_s=config.control.request_timeout_ms / 1000.0)
+        self._mb_seen = False
+        self.beat_s = config.control.heartbeat_interval_ms / 1000.0
+        self.next_beat = 0.0
+        self.view = self.seg.membership()[0]
+        self._smm_beat = self.flows.segment.view(abi.FLOW_COUNTERS, abi.FLOW_COUNTERS_OFFSET)
         now = time.monotonic()
         for gid, index in self.seg.active_groups().items():
             row = self.seg.groups[index]
@@ -121,6 +128,9 @@ class RmServer:
         now = time.monotonic() if now is None else now
         self._collect_acks()
         self.events.pump(now)
+        if now >= self.next_beat:
+            self.next_beat = now + self.beat_s
+            self.events.beat(self.health())
         # 1. groups whose epoch ends are suspended now (stored and fenced in _apply)...
         draining = []
         for ge in list(self.groups.values()):
@@ -253,6 +263,24 @@ class RmServer:
                         self.log.warning(f"group={group} INSTALL refused by replica {target}: "
                                          f"{wire.ERROR_NAMES.get(status, status)}")
 
+    def health(self) -> dict:
+        """This replica as the controller should see it: every process alive and beating. A
+        process that hangs while its link stays up is found here (fate-sharing stops the
+        others when one dies)."""
+        now_ns, stale_ns = time.monotonic_ns(), int(3 * self.beat_s * 1e9)
+        problems = []
+        for who, ns in (("smm", int(self._smm_beat["heartbeat_ns"])),
+                        ("pmm", int(self.seg.counters["heartbeat_ns"]))):
+            if now_ns - ns > stale_ns:
+                problems.append(f"{who} heartbeat {(now_ns - ns) / 1e9:.3f} s old")
+        mb = int(self.seg.desc["consumer_pid"])
+        if mb and process_alive(mb):
+            self._mb_seen = True
+        elif self._mb_seen:  # (before the first one attaches, the replica is starting)
+            problems.append("the middlebox is gone")
+        return {"replica": self.replica.name, "healthy": not problems,
+                "why": "; ".join(problems), "view": self.view}
+
     def next_wakeup(self, now: float) -> float:
         """Seconds until some group needs us (an epoch ends, or an ack may have timed out)."""
         groups = list(self.groups.values())
@@ -261,6 +289,8 @@ class RmServer:
         soonest = min((min(g.next_due, g.timeout_at) for g in groups), default=now + 0.5)
         if self.events.pending:
             soonest = min(soonest, now + 0.05)
+        if self.events.client is not None:
+            soonest = min(soonest, self.next_beat)
         return max(0.0, min(soonest - now, 0.5))
 
     def wait(self, extra: list | None = None) -> dict:
@@ -282,6 +312,7 @@ class RmServer:
                 self.ctl.resume(g)
         if self.metrics is not None:
             self.metrics.close()
+        self._smm_beat = None
         for c in self.clients.values():
             c.close()
         self.events.close()

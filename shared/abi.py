@@ -167,14 +167,28 @@ PKT_DESC = _struct([
     ("sem_prefix", f"S{SEM_PREFIX_LEN}", 56),
     ("in_waiting", "<u4", 104),
     ("out_waiting", "<u4", 108),
-    ("reserved2", ("<u8", 2), 112),
+    ("view", "<u8", 112),
+    ("alive_mask", "<u8", 120),
 ], 128)
 
-PKT_COUNTER_NAMES = ["rx_packets", "rx_bytes", "malformed", "default_group", "input_drops",
-                     "released", "unwritten_drops", "raw_sent", "verdict_errors",
-                     "heartbeat_ns", "pending", "output_errors"]
-PKT_COUNTERS = _struct([(n, "<u8", 8 * i) for i, n in enumerate(PKT_COUNTER_NAMES)]
-                       + [("reserved", ("<u8", 4), 96)], 128)
+PKT_COUNTERS = _struct([
+    ("rx_packets", "<u8", 0),
+    ("rx_bytes", "<u8", 8),
+    ("malformed", "<u8", 16),
+    ("default_group", "<u8", 24),
+    ("input_drops", "<u8", 32),
+    ("released", "<u8", 40),
+    ("unwritten_drops", "<u8", 48),
+    ("raw_sent", "<u8", 56),
+    ("verdict_errors", "<u8", 64),
+    ("heartbeat_ns", "<u8", 72),
+    ("pending", "<u8", 80),
+    ("output_errors", "<u8", 88),
+    ("standby_held", "<u8", 96),
+    ("standby_drops", "<u8", 104),
+    ("reserved", ("<u8", 2), 112),
+], 128)
+PKT_COUNTER_NAMES = [n for n in PKT_COUNTERS.names if n != "reserved"]
 
 GROUP_CONTROL = ["id", "state", "frequency_hz", "target", "buffering", "suspended", "protected_"]
 GROUP_PMM = ["rx_packets", "rx_bytes", "input_drops", "released", "held"]

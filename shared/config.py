@@ -109,6 +109,7 @@ class PacketsConfig:
     mtu: int = 1500
     pending_timeout_ms: int = 2000
     queue_maxlen: int = 16384
+    standby_hold_ms: int = 500
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -348,6 +349,9 @@ PACKETS = Section({
     "pending_timeout_ms": Field(int, 2000, in_range(10, 60000),
                                 "drop a queued packet the middlebox has not written after this"),
     "queue_maxlen": Field(int, 16384, in_range(64, 1_000_000), "kernel NFQUEUE length"),
+    "standby_hold_ms": Field(int, 500, in_range(10, 10000),
+                             "hold packets of a standby flow this long for its activation, "
+                             "then drop them"),
 }, PacketsConfig)
 
 SDN_HOST = Section({

@@ -140,6 +140,10 @@ class PacketSegment:
     def generation(self) -> int:
         return int(self.desc["groups_generation"])
 
+    def membership(self) -> tuple[int, int]:
+        """(view, alive_mask) as the RM last wrote them; (0, 0) before any view."""
+        return int(self.desc["view"]), int(self.desc["alive_mask"])
+
     def bump(self, counter: str, n: int = 1) -> None:
         self.counters[counter] = int(self.counters[counter]) + n
 
@@ -447,6 +451,15 @@ class GroupControl:
         i = self.index(group)
         self.seg.groups[i]["state"] = abi.GROUP_FREE
         self.bump_generation()
+
+    def set_view(self, view: int, alive_ids) -> None:
+        """The controller's membership view, for the PMM's placement: mask first, view last."""
+        mask = 0
+        for rid in alive_ids:
+            mask |= 1 << (rid - 1)
+        self._w64[(abi.PKT_DESC_OFFSET + abi.PKT_DESC.fields["alive_mask"][1]) >> 3] = mask
+        fence()
+        self._w64[(abi.PKT_DESC_OFFSET + abi.PKT_DESC.fields["view"][1]) >> 3] = view
 
     def set_control(self, group: int, **words: int) -> None:
         """frequency_hz, target, protected_: the line's plain settings."""

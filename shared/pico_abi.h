@@ -379,7 +379,11 @@ typedef struct pico_pkt_desc {
                                 *     written by the middlebox, read by the PMM */
     uint32_t out_waiting;      /* 236 1 while the PMM sleeps (or is about to) on .out:
                                 *     written by the PMM, read by the middlebox */
-    uint64_t reserved2[2];     /* 240 */
+    uint64_t view;             /* 240 (ABI 1.2) the cluster membership view this replica acts
+                                *     on (chords placement): written by the RM, after
+                                *     alive_mask; 0 = none yet (classify by policies only) */
+    uint64_t alive_mask;       /* 248 (ABI 1.2) bit (id - 1) set = replica id is alive in that
+                                *     view; read by the PMM to place new flows (sdn.ring) */
 } pico_pkt_desc;
 
 typedef struct pico_pkt_counters { /* written by the PMM only */
@@ -396,7 +400,10 @@ typedef struct pico_pkt_counters { /* written by the PMM only */
     uint64_t heartbeat_ns;     /* 328 CLOCK_MONOTONIC of the PMM loop's last pass */
     uint64_t pending;          /* 336 NFQUEUE packets awaiting a verdict now */
     uint64_t output_errors;    /* 344 output records the PMM could not use (bad id, length) */
-    uint64_t reserved[4];      /* 352 */
+    uint64_t standby_held;     /* 352 packets of a flow STANDBY here, held for its activation */
+    uint64_t standby_drops;    /* 360 held packets dropped: not activated within
+                                *     packets.standby_hold_ms, or over the hold's bound */
+    uint64_t reserved[2];      /* 368 */
 } pico_pkt_counters;
 
 typedef struct pico_group {

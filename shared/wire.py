@@ -40,11 +40,13 @@ GROUPS, SUSPEND, RESUME, GROUP_SET = 16, 17, 18, 19
 GROUP_CREATE, GROUP_DELETE, FLOWS, MOVE = 20, 21, 22, 23
 # Events a replica reports to the controller (control.controller_endpoint): JSON both ways.
 EVENT = 24
+# The controller's new membership view, to a replica's RM (JSON): it re-protects taken-over flows.
+VIEW = 25
 TYPE_NAMES = {PING: "ping", INSTALL: "install", ACTIVATE: "activate", DUMP: "dump",
               STATS: "stats", INSTALL_BATCH: "install_batch", GROUPS: "groups",
               SUSPEND: "suspend", RESUME: "resume", GROUP_SET: "group_set",
               GROUP_CREATE: "group_create", GROUP_DELETE: "group_delete", FLOWS: "flows",
-              MOVE: "move", EVENT: "event", ERROR: "error"}
+              MOVE: "move", EVENT: "event", VIEW: "view", ERROR: "error"}
 
 # Status / error codes
 OK = 0

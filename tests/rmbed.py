@@ -151,14 +151,23 @@ class Controller:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(endpoint)
         self.events: list[Event] = []
+        self.heartbeats = 0
 
     def recv(self, timeout: float) -> Event | None:
-        if not self.sock.poll(int(timeout * 1000), zmq.POLLIN):
-            return None
-        parts = self.sock.recv_multipart()
-        ev = Event(parts, wire.decode(parts[-1], 1 << 24))
-        self.events.append(ev)
-        return ev
+        """The next event that is not a heartbeat (heartbeats are answered and counted)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            if not self.sock.poll(int(left * 1000), zmq.POLLIN):
+                return None
+            parts = self.sock.recv_multipart()
+            ev = Event(parts, wire.decode(parts[-1], 1 << 24))
+            if json.loads(ev.msg.body or b"{}").get("event") == "heartbeat":
+                self.heartbeats += 1
+                self.reply(ev, {"ok": True})
+                continue
+            self.events.append(ev)
+            return ev
 
     def reply(self, ev: Event, body: dict) -> None:
         """Answer in the request's envelope: same routing parts, type | REPLY_BIT, same seq."""

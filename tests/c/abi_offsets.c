@@ -76,13 +76,13 @@ static void begin(const char *name, size_t size)
     F(T, max_groups) F(T, ring_slots) F(T, slot_size) F(T, mtu) F(T, groups_offset) \
     F(T, rings_offset) F(T, ring_bytes) F(T, n_rings) F(T, consumer_pid)           \
     F(T, groups_generation) F(T, sem_prefix) F(T, in_waiting) F(T, out_waiting)   \
-    F(T, reserved2)
+    F(T, view) F(T, alive_mask)
 
 #define PKT_COUNTERS_FIELDS(T, F)                                               \
     F(T, rx_packets) F(T, rx_bytes) F(T, malformed) F(T, default_group)         \
     F(T, input_drops) F(T, released) F(T, unwritten_drops) F(T, raw_sent)       \
     F(T, verdict_errors) F(T, heartbeat_ns) F(T, pending) F(T, output_errors)   \
-    F(T, reserved)
+    F(T, standby_held) F(T, standby_drops) F(T, reserved)
 
 #define GROUP_FIELDS(T, F)                                                      \
     F(T, id) F(T, state) F(T, frequency_hz) F(T, target) F(T, buffering)        \

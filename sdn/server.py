@@ -1,0 +1,232 @@
+"""pico-sdn's shell: carries out sdn.core.Controller's decisions against the real parts.
+
+- replicas' events on control.controller_endpoint (a ZeroMQ ROUTER): heartbeats (each RM
+  says whether its replica's processes are all alive and beating), group_unprotected, ...;
+- Faucet: its event socket (a replica's switch port going down is a failure at once) and the
+  steering rules (sdn.steering -> faucet.yaml -> SIGHUP -> CONFIG_CHANGE success);
+- each replica's SMM (ACTIVATE the failed replica's standby flows) and RM (VIEW: the new
+  membership; it re-protects what it took over), without waiting on any one of them.
+One thread. Reroutes block the loop for the reload (tens of ms; heartbeats queue meanwhile).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from shared import log as pico_log
+from shared import wire
+from shared.control import AsyncControl
+from shared.errors import PicoError, WireError
+
+from .core import (Activate, Controller, Failed, FailoverDone, Reprotect, Reroute,
+                   ORDER_ACTIVATE_FIRST)
+from .steering import Port, Topology, faucet_config
+
+
+def topology(config) -> Topology | None:
+    sdn = config.sdn
+    if not sdn.hosts:
+        return None
+    hosts = sorted(sdn.hosts.values(), key=lambda h: h.port)
+    return Topology("pico", sdn.dp_id, sdn.vid,
+                    tuple(Port(h.name, h.port) for h in hosts if h.role == "client"),
+                    tuple(Port(h.name, h.port) for h in hosts if h.role == "server"),
+                    {r.name: Port(r.name, r.switch_port, r.mac) for r in config.replicas.values()},
+                    sdn.buckets)
+
+
+def poke(port: int, netns: str | None) -> None:
+    """Wake Faucet's eventlet hub: it acts on SIGHUP only at its next wakeup (any socket
+    activity), so connect to its Prometheus port (notes: networking-stack §5)."""
+    try:
+        if netns:
+            from .testbed import socket_in_netns
+            s = socket_in_netns(netns)
+        else:
+            s = socket.socket()
+        with s:
+            s.settimeout(0.5)
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    except (OSError, PicoError):
+        pass
+
+
+class SdnServer:
+    def __init__(self, config, order: str = ORDER_ACTIVATE_FIRST):
+        if config.sdn is None:
+            raise PicoError(f"{config.path} has no sdn section: pico-sdn needs one (placement, "
+                            "buckets, edge ports)")
+        if not config.control.controller_endpoint:
+            raise PicoError(f"{config.path} has no control.controller_endpoint: replicas "
+                            "report to it; add it")
+        self.log = pico_log.get_logger("sdn")
+        self.config = config
+        sdn = config.sdn
+        self.ids = {r.name: r.id for r in config.replicas.values()}
+        self.by_port = {r.switch_port: r.name for r in config.replicas.values() if r.switch_port}
+        self.core = Controller(list(config.replicas), time.monotonic(),
+                               heartbeat_timeout=sdn.heartbeat_timeout_ms / 1000.0,
+                               vnodes=sdn.vnodes, buckets=sdn.buckets,
+                               activation_timeout=sdn.activation_timeout_ms / 1000.0, order=order)
+        self.topo = topology(config)
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(config.control.controller_endpoint)
+        self.smm = {r.name: AsyncControl(r.smm_endpoint, self.ctx) for r in config.replicas.values()}
+        self.rm = {r.name: AsyncControl(r.rm_endpoint, self.ctx)
+                   for r in config.replicas.values() if r.rm_endpoint}
+        self.waiting: dict[tuple[str, str, int], tuple] = {}  # (kind, replica, seq) -> action
+        self.driver = self.events = None
+        self.failovers: list[FailoverDone] = []
+        self.unprotected: list[dict] = []
+        self.reroutes = 0
+        fc = sdn.faucet
+        if fc.config and self.topo is not None:
+            from .faucet_driver import FaucetDriver
+            from .faucet_events import FaucetEventClient
+            self.events = FaucetEventClient(fc.event_sock).connect(timeout=30.0) \
+                if fc.event_sock else None
+            pid_file = Path(fc.pid_file) if fc.pid_file else None
+            self.driver = FaucetDriver(
+                fc.config, lambda: int(pid_file.read_text().split()[0]) if pid_file and
+                pid_file.is_file() else None,
+                lambda: poke(fc.prometheus_port, fc.netns), self.events)
+
+    # ---------------------------------------------------------------- actions
+    def apply(self, actions, now: float) -> None:
+        for a in actions:
+            if isinstance(a, Failed):
+                self.log.error(f"replica {a.replica} failed ({a.reason}): failing over, view "
+                               f"{a.view}")
+            elif isinstance(a, Activate):
+                body = wire.encode_activate(wire.SEL_REPLICA, self.ids[a.failed])
+                seq = self.smm[a.replica].send(wire.ACTIVATE, body)
+                if seq is not None:
+                    self.waiting[("activate", a.replica, seq)] = a
+            elif isinstance(a, Reroute):
+                self._reroute(a)
+                self.apply(self.core.on_rerouted(a.view, time.monotonic()), time.monotonic())
+            elif isinstance(a, Reprotect):
+                client = self.rm.get(a.replica)
+                if client is None:
+                    self.apply(self.core.on_reprotected(a.replica, a.view, now), now)
+                    continue
+                seq = client.send(wire.VIEW, wire.json_body({"view": a.view,
+                                                             "alive": list(a.alive)}))
+                if seq is not None:
+                    self.waiting[("view", a.replica, seq)] = a
+            elif isinstance(a, FailoverDone):
+                self.failovers.append(a)
+                self.log.info(f"failover of {a.replica} done (view {a.view}): detected in "
+                              f"{a.detected * 1000:.0f} ms, activation "
+                              f"{a.activation * 1000:.0f} ms, reroute {a.reroute * 1000:.0f} ms, "
+                              f"re-protection {a.reprotect * 1000:.0f} ms")
+
+    def _reroute(self, a: Reroute) -> None:
+        if self.driver is None:
+            return
+        text = faucet_config(self.topo, list(a.primaries))
+        try:
+            took = self.driver.apply(text)
+            self.reroutes += 1
+            self.log.info(f"steering for view {a.view} applied in {took * 1000:.0f} ms")
+        except PicoError as e:  # the old rules stay; the next view tries again
+            self.log.error(f"steering for view {a.view} not applied: {e}")
+
+    # ---------------------------------------------------------------- inputs
+    def _on_event(self, frame: bytes) -> bytes:
+        try:
+            msg = wire.decode(frame, self.config.control.max_message_bytes)
+            if msg.type != wire.EVENT:
+                raise WireError(wire.ERR_UNKNOWN_TYPE, f"pico-sdn takes EVENT (24) on this "
+                                f"endpoint, not type {msg.type}")
+            ev = wire.parse_json_body(msg.body)
+        except WireError as e:
+            return wire.error_reply(wire.peek_seq(frame), e.code, str(e))
+        now = time.monotonic()
+        kind, replica = ev.get("event"), ev.get("replica")
+        if kind == "heartbeat" and replica in self.ids:
+            self.apply(self.core.on_heartbeat(replica, now, bool(ev.get("healthy", True)),
+                                              str(ev.get("why", ""))), now)
+        elif kind == "group_unprotected":
+            self.unprotected.append(ev)
+            self.log.warning(f"replica {replica} group {ev.get('group')} unprotected: "
+                             f"{ev.get('reason')}")
+        elif kind is not None:
+            self.log.info(f"event {kind} from {replica}: {json.dumps(ev, sort_keys=True)}")
+        return wire.encode(wire.EVENT | wire.REPLY_BIT, msg.seq, wire.json_body({"ok": True}))
+
+    def _collect(self, now: float) -> None:
+        for name, client in list(self.smm.items()) + list(self.rm.items()):
+            for reply in client.poll():
+                for kind in ("activate", "view"):
+                    a = self.waiting.pop((kind, name, reply.seq), None)
+                    if a is None:
+                        continue
+                    if reply.status != wire.OK:
+                        self.log.warning(f"{kind} on {name} refused: {reply.body[:200]!r}")
+                    if kind == "activate":
+                        n = len(wire.decode_key_list(reply.body)) if reply.status == wire.OK \
+                            else 0
+                        self.log.info(f"{name} activated {n} flow(s) of {a.failed}")
+                        self.apply(self.core.on_activated(name, a.view, now), now)
+                    else:
+                        self.apply(self.core.on_reprotected(name, a.view, now), now)
+
+    def _faucet_events(self, now: float) -> None:
+        if self.events is None:
+            return
+        for ev in self.events.poll(0.0):
+            if ev.kind == "PORT_CHANGE" and ev.port_no in self.by_port and ev.up is not None:
+                self.apply(self.core.on_link(self.by_port[ev.port_no], ev.up, now), now)
+
+    # ---------------------------------------------------------------- loop
+    def serve(self, stop: threading.Event) -> None:
+        self.apply(self.core.start(), time.monotonic())
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        for c in list(self.smm.values()) + list(self.rm.values()):
+            poller.register(c._sock, zmq.POLLIN)
+        while not stop.is_set():
+            ready = dict(poller.poll(20))
+            now = time.monotonic()
+            if self.sock in ready:
+                while True:
+                    try:
+                        parts = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    reply = self._on_event(parts[-1])
+                    self.sock.send_multipart(parts[:-1] + [reply])
+            self._collect(now)
+            self._faucet_events(now)
+            self.apply(self.core.tick(time.monotonic()), time.monotonic())
+
+    def close(self) -> None:
+        for c in list(self.smm.values()) + list(self.rm.values()):
+            c.close()
+        if self.events is not None:
+            self.events.close()
+        self.sock.close(linger=0)
+
+
+def run(config, order: str = ORDER_ACTIVATE_FIRST) -> int:
+    server = SdnServer(config, order)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server.log.info(f"controlling {len(server.ids)} replica(s) on "
+                    f"{config.control.controller_endpoint}; placement {config.sdn.placement}")
+    try:
+        server.serve(stop)
+    finally:
+        server.close()
+    return 0

@@ -1,0 +1,252 @@
+"""A three-replica Pico cluster on a real switch, for the failover tests and the failover bench.
+
+SwitchedBed (OVS userspace + Faucet in their own namespace): c1 (clients, port 1), s1 (server,
+port 2), r1..r3 (replicas, ports 3..5). Clients use 16 addresses of their own subnet
+(10.(200+i).3.1..16, aliases on c1's eth0, on-link routes everywhere) so the steering buckets
+spread their connections over the replicas. Each replica: ip_forward, NFQUEUE in FORWARD, its
+PMM in its namespace; its SMM, RM and middlebox (examples/tcptracker.py: it drops segments of
+connections it has no state for) in the root namespace, over shared memory and 127.0.0.1.
+pico-sdn runs in the root namespace and drives Faucet through its files and event socket.
+Everything is stopped by PID; the bed removes its namespaces.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO, SHM_PREFIX, free_port
+from nettools import Lines
+from sdn.steering import Port, Topology, faucet_config
+from sdn.core import Controller
+from sdn.testbed import SwitchedBed
+from shared.config import load_config
+
+HOSTS = {"c1": 1, "s1": 2, "r1": 3, "r2": 4, "r3": 5}
+REPLICAS = ("r1", "r2", "r3")
+BUCKETS = 16
+ECHO_PORT = 8000
+
+# A TCP echo server: one thread per connection, echoes what it reads.
+ECHO_SERVER = r"""
+import socket, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2]))); srv.listen(256)
+print("listening", flush=True)
+def serve(c):
+    with c:
+        while True:
+            d = c.recv(65536)
+            if not d:
+                return
+            c.sendall(d)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+# Clients: one TCP connection per (source address, index); each sends a numbered 64-byte
+# request every `interval` s and checks the echo. On SIGTERM (or after `secs`) prints one JSON
+# line per connection: source, exchanges done, the largest gap between answers, and the error
+# that ended it, if any. "progress" lines ("tick <t> <done>") let the test see traffic flow.
+CLIENTS = r"""
+import json, signal, socket, sys, threading, time
+srcs, dst, port, per, interval, secs = (sys.argv[1].split(","), sys.argv[2], int(sys.argv[3]),
+                                        int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]))
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: stop.set())
+results = []
+def conn(src, k):
+    r = {"src": src, "k": k, "done": 0, "max_gap": 0.0, "error": None, "after": []}
+    try:
+        s = socket.create_connection((dst, port), timeout=10, source_address=(src, 0))
+        s.settimeout(10)
+        last = time.monotonic()
+        i = 0
+        while not stop.is_set():
+            msg = (b"%s/%d/%08d/" % (src.encode(), k, i)).ljust(64, b".")
+            s.sendall(msg)
+            got = b""
+            while len(got) < 64:
+                d = s.recv(64 - len(got))
+                if not d:
+                    raise ConnectionError("closed by peer")
+                got += d
+            if got != msg:
+                raise ValueError(f"echo mismatch at {i}")
+            now = time.monotonic()
+            r["max_gap"] = max(r["max_gap"], now - last)
+            r["after"].append(now)
+            del r["after"][:-5]
+            last = now
+            i += 1
+            r["done"] = i
+            stop.wait(interval)
+        s.close()
+    except Exception as e:
+        r["error"] = f"{type(e).__name__}: {e}"
+    results.append(r)
+threads = [threading.Thread(target=conn, args=(src, k)) for src in srcs for k in range(per)]
+for t in threads:
+    t.start()
+print("started", flush=True)
+t0 = time.monotonic()
+while not stop.wait(0.2):
+    print("tick %.1f %d" % (time.monotonic() - t0, len(results)), flush=True)
+    if time.monotonic() - t0 > secs:
+        stop.set()
+for t in threads:
+    t.join(15)
+for r in results:
+    r["last"] = r["after"][-1] if r["after"] else 0.0
+    del r["after"]
+    print(json.dumps(r), flush=True)
+print("end", flush=True)
+"""
+
+
+def client_ips(bed: SwitchedBed, n: int = 16) -> list[str]:
+    return [f"10.{200 + bed.index}.3.{k}" for k in range(1, n + 1)]
+
+
+def client_subnet(bed: SwitchedBed) -> str:
+    return f"10.{200 + bed.index}.3.0/24"
+
+
+def topology(bed: SwitchedBed) -> Topology:
+    def port(h: str) -> Port:
+        return Port(h, HOSTS[h], bed.host_mac(h))
+    return Topology("pico", bed.dpid, 100, (port("c1"),), (port("s1"),),
+                    {r: port(r) for r in REPLICAS}, BUCKETS)
+
+
+def first_steering(bed: SwitchedBed) -> str:
+    """What pico-sdn will ask for at start, so Faucet starts with it (no reload at start)."""
+    c = Controller(list(REPLICAS), 0.0, vnodes=16, buckets=BUCKETS)
+    return faucet_config(topology(bed), list(c.primaries()))
+
+
+def cluster_yaml(bed: SwitchedBed, name: str, hold_ms: int = 500) -> str:
+    reps = "\n".join(
+        f"  {r}:\n    id: {i}\n    smm_endpoint: tcp://127.0.0.1:{free_port()}\n"
+        f"    rm_endpoint: tcp://127.0.0.1:{free_port()}\n    nfqueue: 1\n"
+        f"    switch_port: {HOSTS[r]}\n    mac: \"{bed.host_mac(r)}\""
+        for i, r in enumerate(REPLICAS, 1))
+    return f"""version: 1
+cluster: {{name: {name}, shm_prefix: {SHM_PREFIX}}}
+flow_table: {{capacity: 4096, state_size: 64, lock_stripes: 64}}
+control: {{request_timeout_ms: 300, heartbeat_interval_ms: 50,
+          controller_endpoint: "tcp://127.0.0.1:{free_port()}"}}
+packets: {{ring_slots: 1024, pending_timeout_ms: 2000, standby_hold_ms: {hold_ms}}}
+replicas:
+{reps}
+sdn:
+  placement: chords
+  vnodes: 16
+  buckets: {BUCKETS}
+  client_subnet: {client_subnet(bed)}
+  frequency_hz: 200
+  heartbeat_timeout_ms: 300
+  dp_id: {bed.dpid}
+  hosts:
+    c1: {{port: 1, role: client}}
+    s1: {{port: 2, role: server}}
+  faucet:
+    config: {bed.config_path}
+    event_sock: {bed.event_sock}
+    pid_file: {bed.faucet_pidfile}
+    prometheus_port: {bed.prom_port}
+    netns: {bed.switch_ns}
+"""
+
+
+class Cluster:
+    """The bed plus every Pico process, started in order; stop() stops them by PID."""
+
+    def __init__(self, bed: SwitchedBed, tmp: Path, name: str, order: str = "activate-first",
+                 hold_ms: int = 500):
+        self.bed, self.tmp = bed, tmp
+        self.path = tmp / f"{name}.yaml"
+        self.path.write_text(cluster_yaml(bed, name, hold_ms))
+        self.cfg = load_config(self.path)
+        self.procs: dict[str, list[subprocess.Popen]] = {r: [] for r in REPLICAS}
+        self.others: list[subprocess.Popen] = []
+        self.logs: dict[str, Path] = {}
+        self._setup_network()
+        for r in REPLICAS:
+            self._start_replica(r)
+        self.sdn_log = tmp / "sdn.log"
+        self.sdn = subprocess.Popen([sys.executable, "-m", "sdn", "--config", str(self.path),
+                                     "--order", order], cwd=REPO,
+                                    stderr=open(self.sdn_log, "w"))
+        self.others.append(self.sdn)
+
+    def _setup_network(self) -> None:
+        bed, net = self.bed, client_subnet(self.bed)
+        for ip in client_ips(bed):
+            bed.run("c1", ["ip", "addr", "add", f"{ip}/24", "dev", "eth0"], check=True)
+        for h in ("s1", *REPLICAS):
+            bed.run(h, ["ip", "route", "add", net, "dev", "eth0"], check=True)
+        for r in REPLICAS:
+            for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0",
+                        "net.ipv4.conf.eth0.send_redirects=0"):
+                bed.run(r, ["sysctl", "-w", key], check=True)
+            bed.run(r, ["iptables-legacy", "-w", "5", "-A", "FORWARD", "-j", "NFQUEUE",
+                        "--queue-num", "1"], check=True)
+
+    def _log(self, what: str):
+        p = self.tmp / f"{what}.log"
+        self.logs[what] = p
+        return open(p, "w")
+
+    def _start_replica(self, r: str) -> None:
+        args = ["--config", str(self.path), "--replica", r]
+        py = sys.executable
+        smm = subprocess.Popen([py, "-m", "smm", *args], cwd=REPO, stderr=self._log(f"{r}-smm"))
+        pmm = self.bed.exec(r, [py, "-m", "pmm", *args], cwd=REPO, stderr=self._log(f"{r}-pmm"))
+        rm = subprocess.Popen([py, "-m", "rm", *args], cwd=REPO, stderr=self._log(f"{r}-rm"))
+        c = self.cfg.cluster
+        pkts, flows = (f"/{c.shm_prefix}.{c.name}.{r}.pkts", f"/{c.shm_prefix}.{c.name}.{r}.flows")
+        mb = subprocess.Popen([py, str(REPO / "examples" / "tcptracker.py"), pkts, flows],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              stderr=self._log(f"{r}-mb"))
+        self.procs[r] = [smm, pmm, rm, mb]
+        Lines(mb.stdout).expect(lambda line: "ready" in line, timeout=30)
+
+    def log_text(self, what: str) -> str:
+        p = self.sdn_log if what == "sdn" else self.logs[what]
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def wait_log(self, what: str, needle: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.log_text(what):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} log never said {needle!r}:\n"
+                                     + self.log_text(what)[-3000:])
+            time.sleep(0.05)
+
+    def kill_replica(self, r: str) -> None:
+        """SIGKILL every process of the replica and take its link down."""
+        for p in self.procs[r]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+        subprocess.run(["ip", "-n", self.bed.switch_ns, "link", "set",
+                        self.bed.port_name(r), "down"], check=True)
+
+    def stop(self) -> None:
+        for p in [*self.others, *(p for ps in self.procs.values() for p in ps)]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.terminate()
+        for p in [*self.others, *(p for ps in self.procs.values() for p in ps)]:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        for f in Path("/dev/shm").glob(f"{SHM_PREFIX}.{self.cfg.cluster.name}.*"):
+            f.unlink(missing_ok=True)
+        os.sync()

@@ -1,0 +1,68 @@
+"""pico-sdn's shell against real SMMs (no switch): a silent replica is failed over, its standby
+flows are activated on the survivors, and replicas' events are answered."""
+import json
+import threading
+import time
+
+import zmq
+
+from conftest import free_port, write_config
+from sdn.server import SdnServer
+from shared import wire
+from shared.api import attach_replica
+from shared.control import ControlClient
+from shared.flowkey import make_key
+from shared.flowtable import ACTIVE, STANDBY
+
+
+def test_a_silent_replica_is_failed_over_to_the_survivors(tmp_path, smm_factory):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    extra = "sdn: {client_subnet: 10.70.0.0/24, heartbeat_timeout_ms: 300, buckets: 8}\n"
+    cfg = write_config(tmp_path, replicas=3, extra=extra, controller=endpoint)
+    smm_factory(cfg, "r2")
+    smm_factory(cfg, "r3")
+    keys = {r: [make_key(f"10.70.0.{i}", 1000 + i, "10.70.1.1", 80, 6) for i in range(n, n + 5)]
+            for r, n in (("r2", 1), ("r3", 10))}
+    for r, ks in keys.items():  # r1's checkpoints had reached both survivors
+        with ControlClient(cfg.replica(r).smm_endpoint) as smm:
+            recs = [(k, wire.OP_UPSERT, 1, b"s" * 64) for k in ks]
+            smm.request(wire.INSTALL, wire.encode_install(1, 1000 + int(r[1]), 1, 0, 64, recs))
+    server = SdnServer(cfg)
+    stop = threading.Event()
+    t = threading.Thread(target=server.serve, args=(stop,))
+    t.start()
+    beat = zmq.Context.instance().socket(zmq.DEALER)
+    beat.setsockopt(zmq.LINGER, 0)
+    beat.connect(endpoint)
+    try:
+        deadline = time.monotonic() + 10
+        seq = 0
+        while not server.failovers:                    # r2 and r3 beat; r1 is silent
+            assert time.monotonic() < deadline, "no failover"
+            for r in ("r2", "r3"):
+                seq += 1
+                beat.send_multipart([b"", wire.encode(wire.EVENT, seq, wire.json_body(
+                    {"event": "heartbeat", "replica": r, "healthy": True}))])
+            while beat.poll(0):
+                reply = wire.decode(beat.recv_multipart()[-1], 1 << 20)
+                assert reply.status == wire.OK and json.loads(reply.body) == {"ok": True}
+            time.sleep(0.05)
+        done = server.failovers[0]
+        assert done.replica == "r1" and server.core.alive == {"r2", "r3"}
+        assert 0.3 <= done.detected < 1.0
+        for r, ks in keys.items():                     # activated where they were
+            with attach_replica(cfg, r) as flows:
+                assert all(flows.table.lookup(k)[1] == ACTIVE for k in ks)
+                other = keys["r3" if r == "r2" else "r2"]
+                assert all(flows.table.lookup(k)[1] != STANDBY for k in other)
+        # garbage on the controller's endpoint gets an error, the server stays up
+        while beat.poll(200):
+            beat.recv_multipart()                      # (late heartbeat replies)
+        beat.send_multipart([b"", b"garbage"])
+        assert wire.decode(beat.recv_multipart()[-1], 1 << 20).status == wire.ERR_TRUNCATED
+        assert t.is_alive()
+    finally:
+        stop.set()
+        t.join(5)
+        beat.close()
+        server.close()
