@@ -271,7 +271,7 @@ class RmServer:
         problems = []
         for who, ns in (("smm", int(self._smm_beat["heartbeat_ns"])),
                         ("pmm", int(self.seg.counters["heartbeat_ns"]))):
-            if now_ns - ns > stale_ns:
+            if ns and now_ns - ns > stale_ns:  # (0: it has not beaten yet, it is starting)
                 problems.append(f"{who} heartbeat {(now_ns - ns) / 1e9:.3f} s old")
         mb = int(self.seg.desc["consumer_pid"])
         if mb and process_alive(mb):

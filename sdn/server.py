@@ -167,6 +167,7 @@ class SdnServer:
     def _collect(self, now: float) -> None:
         for name, client in list(self.smm.items()) + list(self.rm.items()):
             for reply in client.poll():
+                now = time.monotonic()  # (a reroute above may have taken a while)
                 for kind in ("activate", "view"):
                     a = self.waiting.pop((kind, name, reply.seq), None)
                     if a is None:

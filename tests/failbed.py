@@ -176,6 +176,10 @@ class Cluster:
         self.others: list[subprocess.Popen] = []
         self.logs: dict[str, Path] = {}
         self._setup_network()
+        # Every SMM first, as the backups of the others: an RM whose backup has never
+        # answered gives its groups up after its retries (a replica should not start long
+        # before its backups; honcho starts each replica's own processes together).
+        self.smms = {r: self._start_smm(r) for r in REPLICAS}
         for r in REPLICAS:
             self._start_replica(r)
         self.sdn_log = tmp / "sdn.log"
@@ -202,10 +206,17 @@ class Cluster:
         self.logs[what] = p
         return open(p, "w")
 
+    def _start_smm(self, r: str) -> subprocess.Popen:
+        from shared.control import wait_until_serving
+        smm = subprocess.Popen([sys.executable, "-m", "smm", "--config", str(self.path),
+                                "--replica", r], cwd=REPO, stderr=self._log(f"{r}-smm"))
+        wait_until_serving(self.cfg.replica(r).smm_endpoint, smm, 30, "pico-smm")
+        return smm
+
     def _start_replica(self, r: str) -> None:
         args = ["--config", str(self.path), "--replica", r]
         py = sys.executable
-        smm = subprocess.Popen([py, "-m", "smm", *args], cwd=REPO, stderr=self._log(f"{r}-smm"))
+        smm = self.smms[r]
         pmm = self.bed.exec(r, [py, "-m", "pmm", *args], cwd=REPO, stderr=self._log(f"{r}-pmm"))
         rm = subprocess.Popen([py, "-m", "rm", *args], cwd=REPO, stderr=self._log(f"{r}-rm"))
         c = self.cfg.cluster

@@ -1,0 +1,5 @@
+import sys
+
+from sdn.main import main
+
+sys.exit(main())

@@ -1,0 +1,110 @@
+"""Failover on a real switch: three replicas behind OVS + Faucet, a stateful middlebox that
+drops segments of connections it has no state for, clients holding TCP connections that echo
+checked payloads. SIGKILL all of r1's processes and take its link down: every connection
+survives. Reroute before activation (and no standby hold): connections through r1 break.
+
+Root only: namespaces, OVS, Faucet. Bed index 48, prefix fo<pid % 100>.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import pytest
+
+from failbed import (CLIENTS, ECHO_PORT, ECHO_SERVER, HOSTS, Cluster, client_ips,
+                     first_steering)
+from nettools import Lines
+from sdn.steering import bucket_of
+from sdn.testbed import SwitchedBed
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, OVS and "
+                                 "Faucet; CI runs as root")]
+
+
+@pytest.fixture
+def bed(tmp_path):
+    b = SwitchedBed(HOSTS, first_steering, prefix=f"fo{os.getpid() % 100}", base_dir=tmp_path,
+                    index=48, ipv6=False)
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def _clients(bed, per: int, secs: float):
+    srv = bed.exec("s1", [sys.executable, "-c", ECHO_SERVER, bed.host_ip("s1"), str(ECHO_PORT)],
+                   stdout=__import__("subprocess").PIPE, text=True)
+    Lines(srv.stdout).expect(lambda line: "listening" in line, timeout=10)
+    cl = bed.exec("c1", [sys.executable, "-c", CLIENTS, ",".join(client_ips(bed)),
+                         bed.host_ip("s1"), str(ECHO_PORT), str(per), "0.05", str(secs)],
+                  stdout=__import__("subprocess").PIPE, text=True)
+    lines = Lines(cl.stdout)
+    lines.expect(lambda line: "started" in line, timeout=20)
+    return srv, cl, lines
+
+
+def _results(lines: Lines, timeout: float = 40.0) -> list[dict]:
+    out = []
+    deadline = time.monotonic() + timeout
+    while True:
+        line = lines.expect(lambda s: s.startswith("{") or s == "end",
+                            timeout=max(0.1, deadline - time.monotonic()))
+        if line == "end":
+            return out
+        out.append(json.loads(line))
+
+
+def _on_r1(cluster, bed) -> set[str]:
+    primaries = cluster.sdn_primaries_at_start
+    return {ip for ip in client_ips(bed) if primaries[bucket_of(ip, 16)] == "r1"}
+
+
+def run_failover(bed, tmp_path, order: str, hold_ms: int):
+    from sdn.core import Controller
+    from failbed import REPLICAS
+    cluster = Cluster(bed, tmp_path, f"fo{os.getpid() % 1000}{order[0]}", order=order,
+                      hold_ms=hold_ms)
+    cluster.sdn_primaries_at_start = Controller(list(REPLICAS), 0.0, vnodes=16,
+                                                buckets=16).primaries()
+    srv = cl = None
+    try:
+        cluster.wait_log("sdn", "controlling 3 replica(s)")
+        srv, cl, lines = _clients(bed, per=2, secs=12.0)
+        lines.expect(lambda s: s.startswith("tick 2."), timeout=20)   # 2 s of traffic
+        t_kill = time.monotonic()
+        cluster.kill_replica("r1")
+        cluster.wait_log("sdn", "failover of r1 done", timeout=20)
+        results = _results(lines)
+        return cluster, results, t_kill
+    finally:
+        for p in (cl, srv):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(10)
+        cluster.stop()
+
+
+def test_killing_a_replica_breaks_no_connection(bed, tmp_path):
+    cluster, results, t_kill = run_failover(bed, tmp_path, "activate-first", 500)
+    r1 = _on_r1(cluster, bed)
+    assert r1, "no client bucket was steered to r1: the test would prove nothing"
+    assert len(results) == 32
+    broken = [r for r in results if r["error"]]
+    assert broken == [], [(r["src"], r["k"], r["done"], r["error"]) for r in broken]
+    for r in results:   # every connection, r1's included, kept answering after the failover
+        assert r["done"] > 100 and r["last"] > t_kill + 2.0, r
+    sdn_log = cluster.log_text("sdn")
+    assert "replica r1 failed" in sdn_log and "failover of r1 done" in sdn_log
+
+
+def test_rerouting_before_activation_breaks_connections(bed, tmp_path):
+    cluster, results, t_kill = run_failover(bed, tmp_path, "reroute-first", 10)
+    r1 = _on_r1(cluster, bed)
+    assert r1
+    hit = [r for r in results if r["src"] in r1]
+    assert any(r["error"] or r["last"] < t_kill + 1.0 for r in hit), hit
