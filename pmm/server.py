@@ -93,7 +93,11 @@ class PmmServer:
         except BaseException:
             self.store.close(unlink=True)  # leave nothing behind for a failed start
             raise
-        self.hold = StandbyHold(config.packets.standby_hold_ms / 1000.0, STANDBY_HOLD_MAX)
+        # standby_hold_ms 0: no hold (a standby flow's packets reach the middlebox, which does
+        # not see its state): the behaviour of HA setups without one, for comparisons.
+        self.hold_enabled = config.packets.standby_hold_ms > 0
+        self.hold = StandbyHold(max(config.packets.standby_hold_ms, 1) / 1000.0,
+                                STANDBY_HOLD_MAX)
         # (chords placement: the membership view the RM writes decides new flows' groups)
         classifier = Classifier(config, replica, membership=lambda: self.seg.membership()[1])
         self.ingress = Ingress(self.seg, classifier, self._flow_group, self.hold)
@@ -120,6 +124,8 @@ class PmmServer:
         if status == ACTIVE:
             return int(table.slots["group"][idx])
         if status == STANDBY:
+            if not self.hold_enabled:
+                return int(table.slots["group"][idx])
             return FLOW_STANDBY  # not activated yet: Ingress holds its packets
         return None
 

@@ -71,7 +71,9 @@ def capture(table: FlowTable, groups: Iterable[int], full: Iterable[int] = ()) -
         return {}
     s = table.slots
     hints = table.stripes["dirty"]                  # (n_stripes, 16): a view, one byte per block
-    rows, cols = np.nonzero(hints)
+    # (a copy first: writers set hints while we look, and np.nonzero on memory that changes
+    # under it raises "number of non-zero array elements changed")
+    rows, cols = np.nonzero(hints.copy())
     hints[rows, cols] = 0
     fence()  # the clears are visible before we read modified (pico_abi.h, "Dirty hints")
     block = table.g.slots_per_stripe // DIRTY_BLOCKS

@@ -21,12 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="cluster YAML")
     ap.add_argument("--order", choices=["activate-first", "reroute-first"],
                     default="activate-first", help="failover order (default: the right one)")
+    ap.add_argument("--activate-delay-ms", type=int, default=0,
+                    help="testing only: delay each activation (a slow activation of many flows)")
     args = ap.parse_args(argv)
     pico_log.setup()
     try:
         config = load_config(args.config)
         from .server import run
-        return run(config, args.order)
+        return run(config, args.order, args.activate_delay_ms / 1000.0)
     except (PicoError, OSError) as e:
         print(f"pico-sdn: {e}", file=sys.stderr)
         return 1

@@ -59,7 +59,7 @@ def poke(port: int, netns: str | None) -> None:
 
 
 class SdnServer:
-    def __init__(self, config, order: str = ORDER_ACTIVATE_FIRST):
+    def __init__(self, config, order: str = ORDER_ACTIVATE_FIRST, activate_delay: float = 0.0):
         if config.sdn is None:
             raise PicoError(f"{config.path} has no sdn section: pico-sdn needs one (placement, "
                             "buckets, edge ports)")
@@ -88,6 +88,10 @@ class SdnServer:
         self.failovers: list[FailoverDone] = []
         self.unprotected: list[dict] = []
         self.reroutes = 0
+        # A test knob: activations wait this long (a slow activation of many flows), to show
+        # what the wrong order costs. 0 in production.
+        self.activate_delay = activate_delay
+        self.deferred: list[tuple[float, Activate]] = []
         fc = sdn.faucet
         if fc.config and self.topo is not None:
             from .faucet_driver import FaucetDriver
@@ -107,6 +111,9 @@ class SdnServer:
                 self.log.error(f"replica {a.replica} failed ({a.reason}): failing over, view "
                                f"{a.view}")
             elif isinstance(a, Activate):
+                if self.activate_delay and not getattr(a, "_due", False):
+                    self.deferred.append((now + self.activate_delay, a))
+                    continue
                 body = wire.encode_activate(wire.SEL_REPLICA, self.ids[a.failed])
                 seq = self.smm[a.replica].send(wire.ACTIVATE, body)
                 if seq is not None:
@@ -209,6 +216,12 @@ class SdnServer:
                     self.sock.send_multipart(parts[:-1] + [reply])
             self._collect(now)
             self._faucet_events(now)
+            due = [a for t, a in self.deferred if t <= now]
+            if due:
+                self.deferred = [(t, a) for t, a in self.deferred if t > now]
+                for a in due:
+                    object.__setattr__(a, "_due", True)
+                self.apply(due, now)
             self.apply(self.core.tick(time.monotonic()), time.monotonic())
 
     def close(self) -> None:
@@ -219,8 +232,8 @@ class SdnServer:
         self.sock.close(linger=0)
 
 
-def run(config, order: str = ORDER_ACTIVATE_FIRST) -> int:
-    server = SdnServer(config, order)
+def run(config, order: str = ORDER_ACTIVATE_FIRST, activate_delay: float = 0.0) -> int:
+    server = SdnServer(config, order, activate_delay)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -349,7 +349,7 @@ PACKETS = Section({
     "pending_timeout_ms": Field(int, 2000, in_range(10, 60000),
                                 "drop a queued packet the middlebox has not written after this"),
     "queue_maxlen": Field(int, 16384, in_range(64, 1_000_000), "kernel NFQUEUE length"),
-    "standby_hold_ms": Field(int, 500, in_range(10, 10000),
+    "standby_hold_ms": Field(int, 500, in_range(0, 10000),
                              "hold packets of a standby flow this long for its activation, "
                              "then drop them"),
 }, PacketsConfig)

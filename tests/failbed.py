@@ -6,6 +6,8 @@ port 2), r1..r3 (replicas, ports 3..5). Clients use 16 addresses of their own su
 spread their connections over the replicas. Each replica: ip_forward, NFQUEUE in FORWARD, its
 PMM in its namespace; its SMM, RM and middlebox (examples/tcptracker.py: it drops segments of
 connections it has no state for) in the root namespace, over shared memory and 127.0.0.1.
+The middlebox answers a segment it has no state for with a RST (--reset), so a connection
+whose packets reach a replica before its state does is reset, as behind a real firewall.
 pico-sdn runs in the root namespace and drives Faucet through its files and event socket.
 Everything is stopped by PID; the bed removes its namespaces.
 """
@@ -167,7 +169,7 @@ class Cluster:
     """The bed plus every Pico process, started in order; stop() stops them by PID."""
 
     def __init__(self, bed: SwitchedBed, tmp: Path, name: str, order: str = "activate-first",
-                 hold_ms: int = 500):
+                 hold_ms: int = 500, activate_delay_ms: int = 0):
         self.bed, self.tmp = bed, tmp
         self.path = tmp / f"{name}.yaml"
         self.path.write_text(cluster_yaml(bed, name, hold_ms))
@@ -184,7 +186,8 @@ class Cluster:
             self._start_replica(r)
         self.sdn_log = tmp / "sdn.log"
         self.sdn = subprocess.Popen([sys.executable, "-m", "sdn", "--config", str(self.path),
-                                     "--order", order], cwd=REPO,
+                                     "--order", order, "--activate-delay-ms",
+                                     str(activate_delay_ms)], cwd=REPO,
                                     stderr=open(self.sdn_log, "w"))
         self.others.append(self.sdn)
 
@@ -221,7 +224,8 @@ class Cluster:
         rm = subprocess.Popen([py, "-m", "rm", *args], cwd=REPO, stderr=self._log(f"{r}-rm"))
         c = self.cfg.cluster
         pkts, flows = (f"/{c.shm_prefix}.{c.name}.{r}.pkts", f"/{c.shm_prefix}.{c.name}.{r}.flows")
-        mb = subprocess.Popen([py, str(REPO / "examples" / "tcptracker.py"), pkts, flows],
+        mb = subprocess.Popen([py, str(REPO / "examples" / "tcptracker.py"), pkts, flows,
+                               "--reset"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True,
                               stderr=self._log(f"{r}-mb"))
         self.procs[r] = [smm, pmm, rm, mb]
