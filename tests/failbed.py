@@ -251,6 +251,12 @@ class Cluster:
         subprocess.run(["ip", "-n", self.bed.switch_ns, "link", "set",
                         self.bed.port_name(r), "down"], check=True)
 
+    def hang_replica(self, r: str) -> None:
+        """SIGSTOP every process of the replica; its link stays up (only heartbeats tell)."""
+        for p in self.procs[r]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGSTOP)
+
     def stop(self) -> None:
         for p in [*self.others, *(p for ps in self.procs.values() for p in ps)]:
             if p.poll() is None:

@@ -64,7 +64,8 @@ def _on_r1(cluster, bed) -> set[str]:
     return {ip for ip in client_ips(bed) if primaries[bucket_of(ip, 16)] == "r1"}
 
 
-def run_failover(bed, tmp_path, order: str, hold_ms: int, delay_ms: int = 0):
+def run_failover(bed, tmp_path, order: str, hold_ms: int, delay_ms: int = 0,
+                 hang: bool = False):
     from sdn.core import Controller
     from failbed import REPLICAS
     cluster = Cluster(bed, tmp_path, f"fo{os.getpid() % 1000}{order[0]}", order=order,
@@ -77,7 +78,10 @@ def run_failover(bed, tmp_path, order: str, hold_ms: int, delay_ms: int = 0):
         srv, cl, lines = _clients(bed, per=2, secs=12.0)
         lines.expect(lambda s: s.startswith("tick 2."), timeout=20)   # 2 s of traffic
         t_kill = time.monotonic()
-        cluster.kill_replica("r1")
+        if hang:
+            cluster.hang_replica("r1")
+        else:
+            cluster.kill_replica("r1")
         cluster.wait_log("sdn", "failover of r1 done", timeout=20)
         results = _results(lines)
         return cluster, results, t_kill
@@ -100,6 +104,15 @@ def test_killing_a_replica_breaks_no_connection(bed, tmp_path):
         assert r["done"] > 100 and r["last"] > t_kill + 2.0, r
     sdn_log = cluster.log_text("sdn")
     assert "replica r1 failed" in sdn_log and "failover of r1 done" in sdn_log
+
+
+def test_a_hung_replica_with_its_link_up_is_found_by_heartbeat(bed, tmp_path):
+    cluster, results, t_kill = run_failover(bed, tmp_path, "activate-first", 500, hang=True)
+    assert _on_r1(cluster, bed)
+    assert [r for r in results if r["error"]] == []
+    assert all(r["last"] > t_kill + 2.0 for r in results)
+    log = cluster.log_text("sdn")
+    assert "replica r1 failed (no heartbeat" in log and "link down" not in log
 
 
 def test_rerouting_before_activation_breaks_connections(bed, tmp_path):
