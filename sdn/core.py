@@ -82,7 +82,8 @@ class _Failover:
 class Controller:
     def __init__(self, replicas: list[str], now: float, heartbeat_timeout: float = 0.3,
                  vnodes: int = 16, buckets: int = 16, activation_timeout: float = 1.0,
-                 reprotect_timeout: float = 2.0, order: str = ORDER_ACTIVATE_FIRST):
+                 reprotect_timeout: float = 2.0, order: str = ORDER_ACTIVATE_FIRST,
+                 startup_grace: float = 30.0):
         if order not in (ORDER_ACTIVATE_FIRST, ORDER_REROUTE_FIRST):
             raise ValueError(f"unknown failover order {order!r}")
         self.replicas = sorted(replicas)
@@ -91,7 +92,11 @@ class Controller:
         self.activation_timeout = activation_timeout
         self.reprotect_timeout = reprotect_timeout
         self.vnodes, self.buckets, self.order = vnodes, buckets, order
-        self.last_beat = {r: now for r in self.replicas}  # start-up grace: one timeout
+        self.last_beat = {r: now for r in self.replicas}
+        # A replica is judged by its heartbeats once it has sent one, or once startup_grace
+        # has passed (a replica that never comes up fails then).
+        self.seen: set[str] = set()
+        self.started, self.startup_grace = now, startup_grace
         self.view = 1
         self.phase = IDLE
         self.current: _Failover | None = None
@@ -116,6 +121,7 @@ class Controller:
             return []
         if healthy:
             self.last_beat[replica] = now
+            self.seen.add(replica)
             return []
         return self._suspect(replica, f"unhealthy: {why}" if why else "unhealthy", now,
                              self.last_beat[replica])
@@ -128,6 +134,8 @@ class Controller:
     def tick(self, now: float) -> list[Action]:
         out: list[Action] = []
         for r in sorted(self.alive):
+            if r not in self.seen and now - self.started < self.startup_grace:
+                continue
             if now - self.last_beat[r] > self.heartbeat_timeout:
                 out += self._suspect(r, f"no heartbeat for {now - self.last_beat[r]:.3f} s",
                                      now, self.last_beat[r])

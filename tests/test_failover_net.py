@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from failbed import (CLIENTS, ECHO_PORT, ECHO_SERVER, HOSTS, Cluster, client_ips,
+from sdn.clusterbed import (CLIENTS, ECHO_PORT, ECHO_SERVER, HOSTS, Cluster, client_ips,
                      first_steering)
-from nettools import Lines
+from sdn.clusterbed import Lines
 from sdn.steering import bucket_of
 from sdn.testbed import SwitchedBed
 
@@ -67,7 +67,7 @@ def _on_r1(cluster, bed) -> set[str]:
 def run_failover(bed, tmp_path, order: str, hold_ms: int, delay_ms: int = 0,
                  hang: bool = False):
     from sdn.core import Controller
-    from failbed import REPLICAS
+    from sdn.clusterbed import REPLICAS
     cluster = Cluster(bed, tmp_path, f"fo{os.getpid() % 1000}{order[0]}", order=order,
                       hold_ms=hold_ms, activate_delay_ms=delay_ms)
     cluster.sdn_primaries_at_start = Controller(list(REPLICAS), 0.0, vnodes=16,

@@ -120,3 +120,24 @@ def test_the_last_replica_failing_leaves_buckets_unsteered():
     acts = c.on_link("r1", False, 0.1)
     assert kinds(acts) == ["Failed", "Reroute"]              # no survivor to activate
     assert acts[1].primaries == (None,) * 4
+
+
+def test_a_replica_is_judged_once_it_has_beaten_or_after_the_startup_grace():
+    c = Controller(R, now=0.0, heartbeat_timeout=0.3, startup_grace=5.0)
+    for t in (1.0, 2.0, 3.0):                     # r1, r2 up; r3 still starting
+        c.on_heartbeat("r1", t)
+        c.on_heartbeat("r2", t)
+        assert c.tick(t) == []
+    c.on_heartbeat("r3", 3.5)                     # r3 is up: from now on it is judged
+    c.on_heartbeat("r1", 3.7)
+    c.on_heartbeat("r2", 3.7)
+    assert [a.replica for a in c.tick(3.75) if isinstance(a, Failed)] == []
+    c.on_heartbeat("r1", 4.0)
+    c.on_heartbeat("r2", 4.0)
+    assert [a.replica for a in c.tick(4.1) if isinstance(a, Failed)] == ["r3"]
+    c2 = Controller(R, now=0.0, heartbeat_timeout=0.3, startup_grace=5.0)
+    for t in (1.0, 4.0, 5.1):
+        c2.on_heartbeat("r1", t)
+        c2.on_heartbeat("r2", t)
+    acts = c2.tick(5.1)                           # r3 never came up
+    assert [a.replica for a in acts if isinstance(a, Failed)] == ["r3"]

@@ -9,23 +9,75 @@ connections it has no state for) in the root namespace, over shared memory and 1
 The middlebox answers a segment it has no state for with a RST (--reset), so a connection
 whose packets reach a replica before its state does is reset, as behind a real firewall.
 pico-sdn runs in the root namespace and drives Faucet through its files and event socket.
-Everything is stopped by PID; the bed removes its namespaces.
+Everything is stopped by PID; the bed removes its namespaces. Used by tests/test_failover_net.py
+and `pico-bench failover`; ha=False runs the same cluster with no replication (no groups: every
+flow in the default group, nothing checkpointed), the baseline.
 """
 from __future__ import annotations
 
 import os
+import queue
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from conftest import REPO, SHM_PREFIX, free_port
-from nettools import Lines
-from sdn.steering import Port, Topology, faucet_config
 from sdn.core import Controller
+from sdn.steering import Port, Topology, faucet_config
 from sdn.testbed import SwitchedBed
 from shared.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A free port below the ephemeral range (32768+), so that the many outgoing ZeroMQ
+    connections of a starting cluster cannot take it before its owner binds it."""
+    import random
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port in 20000..32000")
+
+
+class Lines:
+    """A child's output lines, collected on a thread, awaited with deadlines."""
+
+    def __init__(self, stream):
+        self.q: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream):
+        for line in stream:
+            self.q.put(line.rstrip("\n"))
+        self.q.put(None)
+
+    def expect(self, pred, timeout: float = 10.0) -> str:
+        test = pred if callable(pred) else (lambda line: pred in line)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no line matching {pred!r} within {timeout} s; saw "
+                                     f"{self.seen[-20:]}")
+            try:
+                line = self.q.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"stream ended before {pred!r}; saw {self.seen[-20:]}")
+            self.seen.append(line)
+            if test(line):
+                return line
 
 HOSTS = {"c1": 1, "s1": 2, "r1": 3, "r2": 4, "r3": 5}
 REPLICAS = ("r1", "r2", "r3")
@@ -60,9 +112,12 @@ srcs, dst, port, per, interval, secs = (sys.argv[1].split(","), sys.argv[2], int
                                         int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]))
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *a: stop.set())
+mark = []  # SIGUSR1 marks a moment (the kill): each connection notes its first answer after
+signal.signal(signal.SIGUSR1, lambda *a: mark.append(time.monotonic()))
 results = []
 def conn(src, k):
-    r = {"src": src, "k": k, "done": 0, "max_gap": 0.0, "error": None, "after": []}
+    r = {"src": src, "k": k, "done": 0, "max_gap": 0.0, "error": None, "after": [],
+         "first_after_mark": None}
     try:
         s = socket.create_connection((dst, port), timeout=10, source_address=(src, 0))
         s.settimeout(10)
@@ -80,6 +135,8 @@ def conn(src, k):
             if got != msg:
                 raise ValueError(f"echo mismatch at {i}")
             now = time.monotonic()
+            if mark and r["first_after_mark"] is None and now > mark[0]:
+                r["first_after_mark"] = now
             r["max_gap"] = max(r["max_gap"], now - last)
             r["after"].append(now)
             del r["after"][:-5]
@@ -131,14 +188,15 @@ def first_steering(bed: SwitchedBed) -> str:
     return faucet_config(topology(bed), list(c.primaries()))
 
 
-def cluster_yaml(bed: SwitchedBed, name: str, hold_ms: int = 500) -> str:
+def cluster_yaml(bed: SwitchedBed, name: str, hold_ms: int = 500, shm_prefix: str = "picot",
+                 ha: bool = True) -> str:
     reps = "\n".join(
         f"  {r}:\n    id: {i}\n    smm_endpoint: tcp://127.0.0.1:{free_port()}\n"
         f"    rm_endpoint: tcp://127.0.0.1:{free_port()}\n    nfqueue: 1\n"
         f"    switch_port: {HOSTS[r]}\n    mac: \"{bed.host_mac(r)}\""
         for i, r in enumerate(REPLICAS, 1))
     return f"""version: 1
-cluster: {{name: {name}, shm_prefix: {SHM_PREFIX}}}
+cluster: {{name: {name}, shm_prefix: {shm_prefix}}}
 flow_table: {{capacity: 4096, state_size: 64, lock_stripes: 64}}
 control: {{request_timeout_ms: 300, heartbeat_interval_ms: 50,
           controller_endpoint: "tcp://127.0.0.1:{free_port()}"}}
@@ -146,7 +204,7 @@ packets: {{ring_slots: 1024, pending_timeout_ms: 2000, standby_hold_ms: {hold_ms
 replicas:
 {reps}
 sdn:
-  placement: chords
+  placement: {"chords" if ha else "streams"}
   vnodes: 16
   buckets: {BUCKETS}
   client_subnet: {client_subnet(bed)}
@@ -169,10 +227,11 @@ class Cluster:
     """The bed plus every Pico process, started in order; stop() stops them by PID."""
 
     def __init__(self, bed: SwitchedBed, tmp: Path, name: str, order: str = "activate-first",
-                 hold_ms: int = 500, activate_delay_ms: int = 0):
-        self.bed, self.tmp = bed, tmp
+                 hold_ms: int = 500, activate_delay_ms: int = 0, shm_prefix: str = "picot",
+                 ha: bool = True):
+        self.bed, self.tmp, self.shm_prefix = bed, tmp, shm_prefix
         self.path = tmp / f"{name}.yaml"
-        self.path.write_text(cluster_yaml(bed, name, hold_ms))
+        self.path.write_text(cluster_yaml(bed, name, hold_ms, shm_prefix, ha))
         self.cfg = load_config(self.path)
         self.procs: dict[str, list[subprocess.Popen]] = {r: [] for r in REPLICAS}
         self.others: list[subprocess.Popen] = []
@@ -268,6 +327,6 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-        for f in Path("/dev/shm").glob(f"{SHM_PREFIX}.{self.cfg.cluster.name}.*"):
+        for f in Path("/dev/shm").glob(f"{self.shm_prefix}.{self.cfg.cluster.name}.*"):
             f.unlink(missing_ok=True)
         os.sync()
