@@ -4,7 +4,8 @@ Real parts (sdn/clusterbed.py, root only): OVS + Faucet, three replicas each wit
 NFQUEUE), RM and the tcptracker middlebox (it resets connections it has no state for),
 pico-sdn, and clients holding TCP echo connections from 16 addresses. About N of them cross r1;
 r1's processes are SIGKILLed and its link taken down. Reported per N (10, 100, 1000; --quick:
-10, 100): the failover gap of r1's connections (kill to their first answer after it: p50, max),
+10, 100): the failover gap of r1's connections (kill to their first answer after it: the first of them,
+p50, max; each connection asks every total/1500 s, so p50 and max include that wait),
 the controller's split (detection, activation, reroute, re-protection), and broken connections.
 Beside it, in the same run, the same kill with no replication (no groups: nothing
 checkpointed): its moved connections break.
@@ -81,7 +82,13 @@ def _run(n_on_r1: int, ha: bool, tmp: Path) -> dict:
         f = re.search(r"^(\S+ \S+) pico.sdn ERROR replica r1 failed", log, re.M)
         detect = (datetime.strptime(f[1], "%Y-%m-%d %H:%M:%S,%f").timestamp() - wall_kill) \
             if f else float("nan")
-        return {"moved": len(moved), "total": len(out),
+        errors = {}
+        for r in out:
+            if r["error"]:
+                kind = r["error"].split(":")[0] + (" (r1)" if r["src"] in r1_ips else "")
+                errors[kind] = errors.get(kind, 0) + 1
+        return {"moved": len(moved), "total": len(out), "errors": errors,
+                "first": min(gaps) if gaps else float("nan"),
                 "broken": sum(1 for r in moved if r["error"]),
                 "broken_other": sum(1 for r in out if r["error"] and r["src"] not in r1_ips),
                 "gap_p50": float(np.percentile(gaps, 50)) if gaps else float("nan"),
@@ -115,6 +122,9 @@ def run(quick: bool) -> list[dict]:
         results += [
             result(f"{label}: broken connections", ha["broken"], "conns", base["broken"],
                    f"no replication: broken of {base['moved']}"),
+            result(f"{label}: first moved connection answering (kill to answer)",
+                   ha["first"] * 1000, "ms", base["first"] * 1000,
+                   "no replication (none answers)"),
             result(f"{label}: failover gap p50 (kill to first answer)", ha["gap_p50"] * 1000,
                    "ms", base["gap_p50"] * 1000, "no replication (survivors only)"),
             result(f"{label}: failover gap max", ha["gap_max"] * 1000, "ms",

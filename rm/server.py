@@ -278,8 +278,10 @@ class RmServer:
             self._mb_seen = True
         elif self._mb_seen:  # (before the first one attaches, the replica is starting)
             problems.append("the middlebox is gone")
+        view, mask = self.seg.membership()
+        alive = [r.name for r in self.config.replicas.values() if mask >> (r.id - 1) & 1]
         return {"replica": self.replica.name, "healthy": not problems,
-                "why": "; ".join(problems), "view": self.view}
+                "why": "; ".join(problems), "view": view, "alive": alive}
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until some group needs us (an epoch ends, or an ack may have timed out)."""

@@ -243,12 +243,20 @@ class Cluster:
         self.smms = {r: self._start_smm(r) for r in REPLICAS}
         for r in REPLICAS:
             self._start_replica(r)
-        self.sdn_log = tmp / "sdn.log"
+        self.sdn_args = ["--order", order, "--activate-delay-ms", str(activate_delay_ms)]
+        self.sdn_runs = 0
+        self.start_sdn()
+
+    def start_sdn(self) -> None:
+        self.sdn_runs += 1
+        self.sdn_log = self.tmp / f"sdn{'' if self.sdn_runs == 1 else self.sdn_runs}.log"
         self.sdn = subprocess.Popen([sys.executable, "-m", "sdn", "--config", str(self.path),
-                                     "--order", order, "--activate-delay-ms",
-                                     str(activate_delay_ms)], cwd=REPO,
-                                    stderr=open(self.sdn_log, "w"))
+                                     *self.sdn_args], cwd=REPO, stderr=open(self.sdn_log, "w"))
         self.others.append(self.sdn)
+
+    def kill_sdn(self) -> None:
+        self.sdn.send_signal(signal.SIGKILL)
+        self.sdn.wait(10)
 
     def _setup_network(self) -> None:
         bed, net = self.bed, client_subnet(self.bed)

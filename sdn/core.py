@@ -126,6 +126,20 @@ class Controller:
         return self._suspect(replica, f"unhealthy: {why}" if why else "unhealthy", now,
                              self.last_beat[replica])
 
+    def adopt(self, view: int, alive, now: float) -> list[Action]:
+        """A replica reports a newer view than ours: we are a restarted controller. Take the
+        membership the cluster acts on (no failover is redone), and steer for it (Faucet
+        already runs those rules: the driver sees the same text and does not reload)."""
+        if view <= self.view or self.current is not None:
+            return []
+        alive = set(alive) & set(self.replicas)
+        if not alive:
+            return []
+        self.view, self.alive = view, alive
+        for r in alive:
+            self.last_beat[r] = max(self.last_beat[r], now)
+        return [Reroute(self.primaries(), view)]
+
     def on_link(self, replica: str, up: bool, now: float) -> list[Action]:
         if up or replica not in self.last_beat:
             return []

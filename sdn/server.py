@@ -88,6 +88,11 @@ class SdnServer:
         self.failovers: list[FailoverDone] = []
         self.unprotected: list[dict] = []
         self.reroutes = 0
+        # A (re)started controller first listens for one heartbeat timeout: replicas report
+        # the view they act on, and a restarted controller adopts it instead of steering
+        # the configured membership over a cluster that has moved on.
+        self.steered = False
+        self.learn_until = time.monotonic() + config.sdn.heartbeat_timeout_ms / 1000.0
         # A test knob: activations wait this long (a slow activation of many flows), to show
         # what the wrong order costs. 0 in production.
         self.activate_delay = activate_delay
@@ -119,6 +124,7 @@ class SdnServer:
                 if seq is not None:
                     self.waiting[("activate", a.replica, seq)] = a
             elif isinstance(a, Reroute):
+                self.steered = True
                 self._reroute(a)
                 self.apply(self.core.on_rerouted(a.view, time.monotonic()), time.monotonic())
             elif isinstance(a, Reprotect):
@@ -161,6 +167,10 @@ class SdnServer:
         now = time.monotonic()
         kind, replica = ev.get("event"), ev.get("replica")
         if kind == "heartbeat" and replica in self.ids:
+            view, alive = ev.get("view"), ev.get("alive")
+            if isinstance(view, int) and view > self.core.view and isinstance(alive, list):
+                self.log.info(f"adopting view {view} (alive {alive}) reported by {replica}")
+                self.apply(self.core.adopt(view, alive, now), now)
             self.apply(self.core.on_heartbeat(replica, now, bool(ev.get("healthy", True)),
                                               str(ev.get("why", ""))), now)
         elif kind == "group_unprotected":
@@ -198,7 +208,6 @@ class SdnServer:
 
     # ---------------------------------------------------------------- loop
     def serve(self, stop: threading.Event) -> None:
-        self.apply(self.core.start(), time.monotonic())
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         for c in list(self.smm.values()) + list(self.rm.values()):
@@ -222,6 +231,8 @@ class SdnServer:
                 for a in due:
                     object.__setattr__(a, "_due", True)
                 self.apply(due, now)
+            if not self.steered and time.monotonic() >= self.learn_until:
+                self.apply(self.core.start(), time.monotonic())  # no view reported: a new one
             self.apply(self.core.tick(time.monotonic()), time.monotonic())
 
     def close(self) -> None:

@@ -127,3 +127,42 @@ def test_rerouting_before_activation_breaks_connections(bed, tmp_path):
     reset = [r for r in results if r["error"] and "reset" in r["error"].lower()]
     assert reset and {r["src"] for r in reset} <= r1, [(r["src"], r["error"]) for r in reset]
     assert all(not r["error"] for r in results if r["src"] not in r1)
+
+
+def test_a_restarted_controller_adopts_the_view_and_still_fails_over(bed, tmp_path):
+    """r1 fails over; pico-sdn is SIGKILLed and restarted mid-traffic (the switch keeps
+    forwarding); it adopts the replicas' view without touching the steering; then r2 fails
+    and the restarted controller moves everything to r3. No connection breaks."""
+    from sdn.clusterbed import REPLICAS
+    from sdn.core import Controller
+    cluster = Cluster(bed, tmp_path, f"fr{os.getpid() % 1000}")
+    cluster.sdn_primaries_at_start = Controller(list(REPLICAS), 0.0, vnodes=16,
+                                                buckets=16).primaries()
+    srv = cl = None
+    try:
+        cluster.wait_log("sdn", "controlling 3 replica(s)")
+        srv, cl, lines = _clients(bed, per=2, secs=16.0)
+        lines.expect(lambda s: s.startswith("tick 2."), timeout=20)
+        cluster.kill_replica("r1")
+        cluster.wait_log("sdn", "failover of r1 done", timeout=20)
+        cluster.kill_sdn()
+        cluster.start_sdn()
+        cluster.wait_log("sdn", "adopting view 2", timeout=20)
+        cluster.wait_log("sdn", "steering for view 2", timeout=20)
+        first = cluster.log_text("sdn")
+        assert "failing over" not in first and "failover of" not in first  # nothing redone
+        assert "unchanged" in first and "not reloading" in first          # steering untouched
+        lines.expect(lambda s: s.startswith("tick 8."), timeout=30)
+        t_kill = time.monotonic()
+        cluster.kill_replica("r2")
+        cluster.wait_log("sdn", "failover of r2 done", timeout=20)
+        results = _results(lines)
+    finally:
+        for p in (cl, srv):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(10)
+        cluster.stop()
+    assert len(results) == 32
+    assert [r for r in results if r["error"]] == []
+    assert all(r["last"] > t_kill + 2.0 for r in results)       # all on r3 now, all alive

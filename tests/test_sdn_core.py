@@ -141,3 +141,13 @@ def test_a_replica_is_judged_once_it_has_beaten_or_after_the_startup_grace():
         c2.on_heartbeat("r2", t)
     acts = c2.tick(5.1)                           # r3 never came up
     assert [a.replica for a in acts if isinstance(a, Failed)] == ["r3"]
+
+
+def test_a_restarted_controller_adopts_the_clusters_view_without_a_failover():
+    c = ctl()
+    acts = c.adopt(5, ["r2", "r3"], 0.1)
+    assert c.view == 5 and c.alive == {"r2", "r3"}
+    (reroute,) = acts
+    assert reroute == Reroute(c.primaries(), 5) and "r1" not in reroute.primaries
+    assert c.adopt(4, ["r1", "r2", "r3"], 0.2) == []         # older: ignored
+    assert not any(isinstance(a, Failed) for a in c.on_link("r1", False, 0.3))  # not ours
