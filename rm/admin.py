@@ -249,8 +249,7 @@ class Admin:
         if view <= s.view:
             return {"view": s.view, "applied": False, "moved": 0, "unprotected": []}
         ids = {n: s.config.replica(n).id for n in alive}
-        s.ctl.set_view(view, ids.values())
-        s.view = view
+        s.ctl.set_view(view, ids.values())  # new flows are placed by it from now on
         gone = {r.id for n, r in s.config.replicas.items() if n not in ids}
         unprotected = []
         for g, target in sorted(s.targets.items()):
@@ -259,6 +258,7 @@ class Admin:
                 unprotected.append(g)
         moved = self._regroup(set(ids.values())) if s.config.sdn is not None and \
             s.config.sdn.placement == "chords" else 0
+        s.view = view  # applied whole (a BUSY regroup raises first: a resend retries it)
         s.log.info(f"view {view}: alive {sorted(ids)}; {len(unprotected)} group(s) lost their "
                    f"backup, {moved} flow(s) re-protected")
         return {"view": view, "applied": True, "moved": moved, "unprotected": unprotected}

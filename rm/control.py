@@ -48,7 +48,7 @@ class RmControl:
             if handler is None:
                 raise WireError(wire.ERR_UNKNOWN_TYPE, f"the RM does not serve request type "
                                 f"{msg.type}; it serves ping, stats, groups, suspend, resume, "
-                                "group_set, group_create, group_delete, flows, move")
+                                "group_set, group_create, group_delete, flows, move, view")
             self.requests[wire.TYPE_NAMES[msg.type]] += 1
             body = handler(wire.parse_json_body(msg.body))
             return wire.encode(msg.type | wire.REPLY_BIT, msg.seq, wire.json_body(body))

@@ -191,6 +191,9 @@ class SdnServer:
                         continue
                     if reply.status != wire.OK:
                         self.log.warning(f"{kind} on {name} refused: {reply.body[:200]!r}")
+                        if kind == "view" and reply.status == wire.ERR_BUSY:
+                            self.apply([a], now)  # again (the phase deadline still holds)
+                            continue
                     if kind == "activate":
                         n = len(wire.decode_key_list(reply.body)) if reply.status == wire.OK \
                             else 0

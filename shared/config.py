@@ -651,6 +651,16 @@ def _check_references(cfg: ClusterConfig, raw: Any) -> None:
 
 def _check_sdn(cfg: ClusterConfig, raw: Any) -> None:
     sdn, where = cfg.sdn, lambda k: (cfg.path, _line_at(raw, k), k)
+    fc = sdn.faucet
+    if fc.config and not (fc.event_sock and fc.pid_file):
+        raise ConfigError("sdn.faucet.config needs event_sock and pid_file too: pico-sdn "
+                          "signals Faucet by its pid and waits for its verdict on the event "
+                          "socket", *where("sdn.faucet"))
+    for r in cfg.replicas.values():
+        if r.id > 64:
+            raise ConfigError(f"replica {r.name} has id {r.id}: under sdn, replica ids are "
+                              "1..64 (the membership view is a 64-bit mask)",
+                              *where(f"replicas.{r.name}.id"))
     if sdn.placement == "chords" and sdn.client_subnet is None:
         raise ConfigError("chords placement needs sdn.client_subnet (the clients' side: a "
                           "flow's bucket is its client address's low bits)", *where("sdn"))

@@ -381,7 +381,7 @@ typedef struct pico_pkt_desc {
                                 *     written by the PMM, read by the middlebox */
     uint64_t view;             /* 240 (ABI 1.2) the cluster membership view this replica acts
                                 *     on (chords placement): written by the RM, after
-                                *     alive_mask; 0 = none yet (classify by policies only) */
+                                *     alive_mask; 0 = none yet (every replica taken as alive) */
     uint64_t alive_mask;       /* 248 (ABI 1.2) bit (id - 1) set = replica id is alive in that
                                 *     view; read by the PMM to place new flows (sdn.ring) */
 } pico_pkt_desc;

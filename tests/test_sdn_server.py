@@ -36,7 +36,9 @@ def test_a_silent_replica_is_failed_over_to_the_survivors(tmp_path, smm_factory)
     beat.connect(endpoint)
     try:
         deadline = time.monotonic() + 10
-        seq = 0
+        seq = 1
+        beat.send_multipart([b"", wire.encode(wire.EVENT, seq, wire.json_body(
+            {"event": "heartbeat", "replica": "r1", "healthy": True}))])  # r1 was up once
         while not server.failovers:                    # r2 and r3 beat; r1 is silent
             assert time.monotonic() < deadline, "no failover"
             for r in ("r2", "r3"):
