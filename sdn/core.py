@@ -24,6 +24,8 @@ from .ring import Ring, placements
 
 ORDER_ACTIVATE_FIRST, ORDER_REROUTE_FIRST = "activate-first", "reroute-first"
 IDLE, ACTIVATING, REROUTING, REPROTECTING = "idle", "activating", "rerouting", "reprotecting"
+VIEWING, FREEZING, HANDOFF = "viewing", "freezing", "handoff"
+FAILOVER, SCALE_IN, SCALE_OUT = "failover", "scale-in", "scale-out"
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,25 @@ class Failed:
 @dataclass(frozen=True)
 class Activate:
     replica: str          # whose SMM activates...
-    failed: str           # ...the standby flows owned by this replica
+    failed: str | None    # ...the standby flows owned by this replica
+    view: int
+    group: int | None = None  # (scale-out) instead: the standby flows of this group
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """Stop processing and checkpoint to the end: hold the group (None: every protected
+    group of the replica), take a last epoch, answer once the backup acknowledged it."""
+    replica: str
+    group: int | None
+    view: int
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """The flows of `group` now live elsewhere: drop this replica's copies, release it."""
+    replica: str
+    group: int
     view: int
 
 
@@ -62,9 +82,10 @@ class FailoverDone:
     activation: float     # seconds spent in each phase
     reroute: float
     reprotect: float
+    kind: str = FAILOVER
 
 
-Action = Union[Failed, Activate, Reroute, Reprotect, FailoverDone]
+Action = Union[Failed, Activate, Freeze, Handoff, Reroute, Reprotect, FailoverDone]
 
 
 @dataclass
@@ -74,6 +95,9 @@ class _Failover:
     since: float          # last sign of life
     decided: float
     view: int
+    kind: str = FAILOVER
+    phases: tuple = ()
+    others: tuple = ()    # scale-out: the members before the newcomer
     waiting: set = field(default_factory=set)
     phase_started: float = 0.0
     times: dict = field(default_factory=dict)
@@ -83,11 +107,15 @@ class Controller:
     def __init__(self, replicas: list[str], now: float, heartbeat_timeout: float = 0.3,
                  vnodes: int = 16, buckets: int = 16, activation_timeout: float = 1.0,
                  reprotect_timeout: float = 2.0, order: str = ORDER_ACTIVATE_FIRST,
-                 startup_grace: float = 30.0):
+                 startup_grace: float = 30.0, members=None, chord_groups=None,
+                 freeze_timeout: float = 5.0):
         if order not in (ORDER_ACTIVATE_FIRST, ORDER_REROUTE_FIRST):
             raise ValueError(f"unknown failover order {order!r}")
         self.replicas = sorted(replicas)
-        self.alive = set(self.replicas)
+        # the ring's first members (default: every configured replica); others may join
+        self.alive = set(self.replicas if members is None else members)
+        self.chord_groups = dict(chord_groups or {})
+        self.freeze_timeout = freeze_timeout
         self.heartbeat_timeout = heartbeat_timeout
         self.activation_timeout = activation_timeout
         self.reprotect_timeout = reprotect_timeout
@@ -153,8 +181,9 @@ class Controller:
             if now - self.last_beat[r] > self.heartbeat_timeout:
                 out += self._suspect(r, f"no heartbeat for {now - self.last_beat[r]:.3f} s",
                                      now, self.last_beat[r])
-        if self.current is not None and self.phase in (ACTIVATING, REPROTECTING):
-            limit = self.activation_timeout if self.phase == ACTIVATING else self.reprotect_timeout
+        if self.current is not None and self.phase != REROUTING:
+            limit = {ACTIVATING: self.activation_timeout,
+                     FREEZING: self.freeze_timeout}.get(self.phase, self.reprotect_timeout)
             if now - self.current.phase_started > limit:
                 self.current.waiting.clear()  # those replicas did not answer: go on without
                 out += self._advance(now)
@@ -167,7 +196,48 @@ class Controller:
         return self._answered(REROUTING, "faucet", view, now)
 
     def on_reprotected(self, replica: str, view: int, now: float) -> list[Action]:
-        return self._answered(REPROTECTING, replica, view, now)
+        phase = VIEWING if self.phase == VIEWING else REPROTECTING
+        return self._answered(phase, replica, view, now)
+
+    def on_frozen(self, replica: str, view: int, now: float) -> list[Action]:
+        return self._answered(FREEZING, replica, view, now)
+
+    def on_handed_off(self, replica: str, view: int, now: float) -> list[Action]:
+        return self._answered(HANDOFF, replica, view, now)
+
+    # ---------------------------------------------------------------- elastic scale
+    def scale_in(self, replica: str, now: float) -> list[Action]:
+        """Remove a live replica without breaking its connections: it freezes and
+        checkpoints to the end, its backups activate, the flows are rerouted to them."""
+        if replica not in self.alive or len(self.alive) < 2:
+            return []
+        self.alive.discard(replica)
+        self.view += 1
+        f = _Failover(replica, "scale-in", now, now, self.view, SCALE_IN,
+                      (FREEZING, ACTIVATING, REROUTING, REPROTECTING))
+        return self._enqueue(f, now)
+
+    def scale_out(self, replica: str, now: float) -> list[Action]:
+        """Add a replica: the buckets the ring gives it move live. Everyone learns the new
+        view (the old primaries checkpoint the moving flows to the newcomer, in its chords
+        group), the old primaries freeze that group, the newcomer activates it, the flows are
+        rerouted, the old primaries drop their copies, and everyone re-protects."""
+        if replica in self.alive or replica not in self.replicas or \
+                replica not in self.chord_groups:
+            return []
+        others = tuple(sorted(self.alive))
+        self.alive.add(replica)
+        self.last_beat[replica] = now
+        self.view += 1
+        f = _Failover(replica, "scale-out", now, now, self.view, SCALE_OUT,
+                      (VIEWING, FREEZING, ACTIVATING, REROUTING, HANDOFF, REPROTECTING), others)
+        return self._enqueue(f, now)
+
+    def _enqueue(self, f: _Failover, now: float) -> list[Action]:
+        if self.current is None:
+            return self._begin(f, now)
+        self.queue.append(f)
+        return []
 
     # ---------------------------------------------------------------- the failover
     def _suspect(self, replica: str, reason: str, now: float, since: float) -> list[Action]:
@@ -175,7 +245,9 @@ class Controller:
             return []
         self.alive.discard(replica)
         self.view += 1
-        f = _Failover(replica, reason, since, now, self.view)
+        phases = ((REROUTING, ACTIVATING, REPROTECTING) if self.order == ORDER_REROUTE_FIRST
+                  else (ACTIVATING, REROUTING, REPROTECTING))
+        f = _Failover(replica, reason, since, now, self.view, FAILOVER, phases)
         out: list[Action] = [Failed(replica, reason, self.view)]
         if self.current is None:
             out += self._begin(f, now)
@@ -185,9 +257,7 @@ class Controller:
 
     def _begin(self, f: _Failover, now: float) -> list[Action]:
         self.current = f
-        if self.order == ORDER_REROUTE_FIRST:
-            return self._phase(REROUTING, now)
-        return self._phase(ACTIVATING, now)
+        return self._phase(f.phases[0], now)
 
     def _phase(self, phase: str, now: float) -> list[Action]:
         f = self.current
@@ -195,13 +265,34 @@ class Controller:
             f.times[self.phase] = now - f.phase_started
         self.phase, f.phase_started = phase, now
         survivors = sorted(self.alive)
-        if phase == ACTIVATING:
+        to_new = self.chord_groups.get(f.replica)
+        if phase == VIEWING:
             f.waiting = set(survivors)
-            acts = [Activate(r, f.replica, f.view) for r in survivors]
+            acts = [Reprotect(r, tuple(survivors), f.view) for r in survivors]
+        elif phase == FREEZING:
+            if f.kind == SCALE_IN:
+                f.waiting = {f.replica}
+                acts = [Freeze(f.replica, None, f.view)]
+            else:
+                f.waiting = set(f.others)
+                acts = [Freeze(r, to_new, f.view) for r in f.others]
+        elif phase == ACTIVATING:
+            if f.kind == SCALE_OUT:
+                f.waiting = {f.replica}
+                acts = [Activate(f.replica, None, f.view, to_new)]
+            else:
+                f.waiting = set(survivors)
+                acts = [Activate(r, f.replica, f.view) for r in survivors]
         elif phase == REROUTING:
             f.waiting = {"faucet"}
             acts = [Reroute(self.primaries(), f.view)]
+        elif phase == HANDOFF:
+            f.waiting = set(f.others)
+            acts = [Handoff(r, to_new, f.view) for r in f.others]
         else:
+            if f.kind == SCALE_OUT:  # a new view number: the replicas saw f.view already
+                self.view += 1
+                f.view = self.view
             f.waiting = set(survivors)
             acts = [Reprotect(r, tuple(survivors), f.view) for r in survivors]
         return acts if f.waiting else self._advance(now)
@@ -214,8 +305,7 @@ class Controller:
         return [] if f.waiting else self._advance(now)
 
     def _advance(self, now: float) -> list[Action]:
-        order = ([ACTIVATING, REROUTING, REPROTECTING] if self.order == ORDER_ACTIVATE_FIRST
-                 else [REROUTING, ACTIVATING, REPROTECTING])
+        order = self.current.phases
         i = order.index(self.phase)
         if i + 1 < len(order):
             return self._phase(order[i + 1], now)
@@ -223,7 +313,7 @@ class Controller:
         f.times[self.phase] = now - f.phase_started
         done = FailoverDone(f.replica, f.view, f.decided - f.since,
                             f.times.get(ACTIVATING, 0.0), f.times.get(REROUTING, 0.0),
-                            f.times.get(REPROTECTING, 0.0))
+                            f.times.get(REPROTECTING, 0.0), f.kind)
         self.history.append(done)
         self.current, self.phase = None, IDLE
         out: list[Action] = [done]

@@ -151,3 +151,50 @@ def test_a_restarted_controller_adopts_the_clusters_view_without_a_failover():
     assert reroute == Reroute(c.primaries(), 5) and "r1" not in reroute.primaries
     assert c.adopt(4, ["r1", "r2", "r3"], 0.2) == []         # older: ignored
     assert not any(isinstance(a, Failed) for a in c.on_link("r1", False, 0.3))  # not ours
+
+
+GROUPS = {"r1": 1001, "r2": 1002, "r3": 1003, "r4": 1004}
+
+
+def test_scale_in_freezes_then_activates_reroutes_and_reprotects():
+    from sdn.core import Freeze
+    c = Controller(R, now=0.0, chord_groups=GROUPS)
+    acts = c.scale_in("r1", 1.0)
+    assert acts == [Freeze("r1", None, 2)]                  # no Failed: it is leaving
+    acts = c.on_frozen("r1", 2, 1.2)
+    assert acts == [Activate("r2", "r1", 2), Activate("r3", "r1", 2)]
+    c.on_activated("r2", 2, 1.21)
+    (rr,) = c.on_activated("r3", 2, 1.22)
+    assert "r1" not in rr.primaries
+    c.on_rerouted(2, 1.3)
+    c.on_reprotected("r2", 2, 1.31)
+    (done,) = c.on_reprotected("r3", 2, 1.32)
+    assert done.kind == "scale-in" and c.alive == {"r2", "r3"}
+    assert c.on_heartbeat("r1", 5.0) == [] and c.tick(9.0 - 8.7) == []  # r1 is not judged
+    assert Controller(["r1"], 0.0).scale_in("r1", 1.0) == []            # never the last one
+
+
+def test_scale_out_moves_the_newcomers_buckets_live():
+    from sdn.core import Freeze, Handoff
+    c = Controller(["r1", "r2", "r3", "r4"], now=0.0, members=R, chord_groups=GROUPS)
+    assert "r4" not in c.primaries()
+    acts = c.scale_out("r4", 1.0)
+    assert [type(a).__name__ for a in acts] == ["Reprotect"] * 4 and acts[0].view == 2
+    assert acts[0].alive == ("r1", "r2", "r3", "r4")
+    for i, r in enumerate(["r1", "r2", "r3", "r4"]):
+        acts = c.on_reprotected(r, 2, 1.1 + i / 100)
+    assert acts == [Freeze(r, 1004, 2) for r in R]          # the old members hold to-r4
+    for r in R:
+        acts = c.on_frozen(r, 2, 1.2)
+    assert acts == [Activate("r4", None, 2, 1004)]          # the newcomer takes them over
+    (rr,) = c.on_activated("r4", 2, 1.3)
+    assert "r4" in rr.primaries
+    acts = c.on_rerouted(2, 1.4)
+    assert acts == [Handoff(r, 1004, 2) for r in R]
+    for r in R:
+        acts = c.on_handed_off(r, 2, 1.5)
+    assert [a.view for a in acts] == [3] * 4                 # re-protection in a new view
+    for r in ["r1", "r2", "r3", "r4"]:
+        acts = c.on_reprotected(r, 3, 1.6)
+    assert acts[0].kind == "scale-out" and c.alive == {"r1", "r2", "r3", "r4"}
+    assert c.scale_out("r4", 2.0) == []                     # already in
