@@ -94,14 +94,36 @@ class ChordsPlacer:
         self.buckets, self.vnodes = sdn.buckets, sdn.vnodes
         self.subnet = _net(sdn.client_subnet)
         self.names = {r.id: name for name, r in config.replicas.items()}
+        # before any view: the configured members (default: every replica)
+        members = set(sdn.members or config.replicas)
+        self.default_mask = sum(1 << (r.id - 1) for n, r in config.replicas.items()
+                                if n in members)
         self.group_ids = {name: sdn.CHORD_GROUP_BASE + r.id for name, r in config.replicas.items()}
         self._table: tuple[int, list[int | None]] | None = None
 
-    def _groups(self, alive_mask: int) -> list[int | None]:
-        alive = [n for rid, n in self.names.items() if alive_mask == 0 or alive_mask >> (rid - 1) & 1]
+    def _ring(self, alive_mask: int):
+        mask = alive_mask or self.default_mask
+        alive = [n for rid, n in self.names.items() if mask >> (rid - 1) & 1]
         if self.me not in alive:
             alive.append(self.me)  # we are alive, whatever an old view says
-        ring = self._ring_cls(alive, self.vnodes)
+        return self._ring_cls(alive, self.vnodes)
+
+    def primary(self, src: int, dst: int, alive_mask: int) -> str | None:
+        """The replica the switch steers this flow's bucket to (None: not a client flow)."""
+        client = self._client(src, dst)
+        if client is None:
+            return None
+        return self._ring(alive_mask).place(
+            self._bucket_position(client & (self.buckets - 1))).primary
+
+    def _client(self, src: int, dst: int) -> int | None:
+        if self.subnet is None:
+            return None
+        base, mask = self.subnet
+        return src if src & mask == base else dst if dst & mask == base else None
+
+    def _groups(self, alive_mask: int) -> list[int | None]:
+        ring = self._ring(alive_mask)
         out = []
         for b in range(self.buckets):
             pl = ring.place(self._bucket_position(b))
@@ -113,14 +135,8 @@ class ChordsPlacer:
     def group_of(self, src: int, dst: int, alive_mask: int) -> int | None:
         """The group of a new flow from src to dst (128-bit, IPv4-mapped), or None: not a
         client flow of this cluster (let the policies decide)."""
-        if self.subnet is None:
-            return None
-        base, mask = self.subnet
-        if src & mask == base:
-            client = src
-        elif dst & mask == base:
-            client = dst
-        else:
+        client = self._client(src, dst)
+        if client is None:
             return None
         if self._table is None or self._table[0] != alive_mask:
             self._table = (alive_mask, self._groups(alive_mask))

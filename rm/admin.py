@@ -256,6 +256,14 @@ class Admin:
             if target in gone:
                 self._stop_protecting(g)
                 unprotected.append(g)
+        if s.config.sdn is not None and s.config.sdn.placement == "chords":
+            # a chords group whose backup is (back) in the view is protected (again)
+            now = time.monotonic()
+            for name, rid in ids.items():
+                g = s.config.sdn.CHORD_GROUP_BASE + rid
+                if rid != s.replica.id and g not in s.groups and g in s.seg.active_groups():
+                    s.protect(g, rid, s.config.sdn.frequency_hz, now)
+                    s.ctl.set_buffering(g, s.buffering.get(g, True))
         moved = self._regroup(set(ids.values())) if s.config.sdn is not None and \
             s.config.sdn.placement == "chords" else 0
         s.view = view  # applied whole (a BUSY regroup raises first: a resend retries it)
@@ -266,11 +274,13 @@ class Admin:
     def _regroup(self, alive_ids: set[int]) -> int:
         from pmm.classify import ChordsPlacer
         s = self.s
-        sdn, me = s.config.sdn, s.replica.id
-        chord = {sdn.CHORD_GROUP_BASE + r.id: r.id for r in s.config.replicas.values()}
-        orphan = [g for g, target in chord.items() if target == me or target not in alive_ids]
+        sdn = s.config.sdn
+        # every flow in a chords group follows the new ring: flows taken over (in a group
+        # whose backup is this replica or gone) and flows whose bucket's backup changed, or
+        # whose bucket now has another primary (scale-out: they go to the newcomer's group)
+        chord = [sdn.CHORD_GROUP_BASE + r.id for r in s.config.replicas.values()]
         slots = s.flows.table.slots
-        idx = np.flatnonzero((slots["status"] == ACTIVE) & np.isin(slots["group"], orphan))
+        idx = np.flatnonzero((slots["status"] == ACTIVE) & np.isin(slots["group"], chord))
         if not len(idx):
             return 0
         placer = ChordsPlacer(s.config, s.replica.name)
@@ -280,7 +290,10 @@ class Admin:
             key = slots["key"][i].tobytes()
             a, b = int.from_bytes(key[:16], "big"), int.from_bytes(key[16:32], "big")
             new = placer.group_of(a, b, mask) or abi.GROUP_DEFAULT
-            plan.append((key, int(slots["group"][i]), new))
+            if new != int(slots["group"][i]):
+                plan.append((key, int(slots["group"][i]), new))
+        if not plan:
+            return 0
         involved = {g for _, old, new in plan for g in (old, new)
                     if g in s.seg.active_groups()}
         self.hold(involved)
@@ -289,10 +302,93 @@ class Admin:
             for key, old, new in plan:
                 if new != old and s.flows.table.set_group(key, new) is not None:
                     moved += 1
+                    if old in s.groups:  # its old backup's copy goes (as in a move)
+                        idx, _ = s.flows.table.lookup(key)
+                        s.moved_out.setdefault(old, []).append(
+                            (key, int(s.flows.table.slots["version"][idx])))
             s.ctl.bump_generation()
         finally:
             self.release(involved)
         return moved
+
+    def freeze(self, group=None) -> dict:
+        """Stop processing `group` (None: every protected group) and checkpoint it to the
+        end: held (suspended, epochs go on), and answered once the epoch taken while held is
+        acknowledged, so its backup holds exactly the state the outside world has seen."""
+        s = self.s
+        if group is not None and (not isinstance(group, int) or group not in s.groups):
+            raise _bad(f"group {group} is not protected on replica {s.replica.name}: nothing "
+                       "to freeze")
+        groups = set(s.groups) if group is None else {group}
+        self.hold(groups)  # each takes an epoch while suspended
+        want = {g: s.groups[g].epoch - 1 for g in groups if g in s.groups}
+        ok = self._pump_until(lambda: all(g not in s.groups or s.groups[g].committed >= e
+                                          for g, e in want.items()),
+                              time.monotonic() + 2 * QUIET_TIMEOUT)
+        if not ok:
+            raise WireError(wire.ERR_BUSY, f"the backups of group(s) {sorted(want)} did not "
+                            f"acknowledge the last epoch in {2 * QUIET_TIMEOUT:g} s; they stay "
+                            "held: retry, or give them up")
+        s.log.info(f"frozen: group(s) {sorted(groups)} held, last epochs acknowledged")
+        return {"frozen": sorted(groups), "epochs": {str(g): e for g, e in want.items()}}
+
+    def _primaries(self, idx) -> list:
+        """The primary replica of each slot's flow under the current view (chords)."""
+        from pmm.classify import ChordsPlacer
+        s = self.s
+        placer = ChordsPlacer(s.config, s.replica.name)
+        mask = s.seg.membership()[1]
+        out = []
+        for i in idx:
+            key = s.flows.table.slots["key"][i].tobytes()
+            out.append(placer.primary(int.from_bytes(key[:16], "big"),
+                                      int.from_bytes(key[16:32], "big"), mask))
+        return out
+
+    def takeover(self, group) -> dict:
+        """Scale-out, on the newcomer: activate the standby flows of `group` whose bucket
+        this replica now leads (the view says so); the others stay standby copies."""
+        from shared.control import ControlClient
+        s = self.s
+        if not isinstance(group, int):
+            raise _bad("'group' must be a group id")
+        slots = s.flows.table.slots
+        idx = np.flatnonzero((slots["group"] == group) &
+                             (slots["status"] == abi.STATUS_STANDBY))
+        keys = [slots["key"][i].tobytes() for i, p in zip(idx, self._primaries(idx))
+                if p == s.replica.name]
+        if not keys:
+            return {"group": group, "activated": 0}
+        with ControlClient(s.replica.smm_endpoint,
+                           timeout_ms=s.config.control.request_timeout_ms * 4) as smm:
+            reply = smm.request(wire.ACTIVATE, wire.encode_activate(wire.SEL_KEYS, 0, keys))
+        n = len(wire.decode_key_list(reply.body))
+        s.log.info(f"group={group} taken over: {n} flow(s) activated here")
+        return {"group": group, "activated": n}
+
+    def handoff(self, group) -> dict:
+        """The group's flows whose bucket another replica now leads were activated there and
+        rerouted: drop this replica's copies (their deletes reach the backup, which ignores
+        them: it holds them active now), and let the group go on."""
+        s = self.s
+        if not isinstance(group, int) or group not in s.seg.active_groups():
+            raise _bad(f"no group {group} on replica {s.replica.name}")
+        t = s.flows.table
+        slots = t.slots
+        idx = np.flatnonzero((slots["group"] == group) & (slots["status"] == ACTIVE))
+        gone = [slots["key"][i].tobytes() for i, p in zip(idx, self._primaries(idx))
+                if p is not None and p != s.replica.name]
+        # Packets that reached us while the group was frozen belong to flows that now live
+        # elsewhere: the middlebox binding drops them (TCP resends them to the new primary)
+        # instead of showing them to a middlebox that would find no state, then the copies go.
+        s.ctl.set_discard(group, True)
+        self.release({group})
+        ring = s.seg.input_ring(s.ctl.index(group))
+        self._pump_until(lambda: not len(ring), time.monotonic() + QUIET_TIMEOUT)
+        dropped = sum(bool(t.del_flow(key)) for key in gone)
+        s.ctl.set_discard(group, False)
+        s.log.info(f"group={group} handed off: {dropped} flow(s) dropped here")
+        return {"group": group, "dropped": dropped}
 
     def flows(self, group=None, limit: int = 100) -> dict:
         s = self.s

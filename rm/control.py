@@ -44,11 +44,14 @@ class RmControl:
                        wire.SUSPEND: self._suspend, wire.RESUME: self._resume,
                        wire.GROUP_SET: self._set, wire.GROUP_CREATE: self._create,
                        wire.GROUP_DELETE: self._delete, wire.FLOWS: self._flows,
-                       wire.MOVE: self._move, wire.VIEW: self._view}.get(msg.type)
+                       wire.MOVE: self._move, wire.VIEW: self._view,
+                       wire.FREEZE: self._freeze, wire.HANDOFF: self._handoff,
+                       wire.TAKEOVER: self._takeover}.get(msg.type)
             if handler is None:
                 raise WireError(wire.ERR_UNKNOWN_TYPE, f"the RM does not serve request type "
                                 f"{msg.type}; it serves ping, stats, groups, suspend, resume, "
-                                "group_set, group_create, group_delete, flows, move, view")
+                                "group_set, group_create, group_delete, flows, move, view, "
+                                "freeze, handoff, takeover")
             self.requests[wire.TYPE_NAMES[msg.type]] += 1
             body = handler(wire.parse_json_body(msg.body))
             return wire.encode(msg.type | wire.REPLY_BIT, msg.seq, wire.json_body(body))
@@ -129,6 +132,15 @@ class RmControl:
 
     def _flows(self, req: dict) -> dict:
         return self.admin.flows(req.get("group"), req.get("limit", 100))
+
+    def _freeze(self, req: dict) -> dict:
+        return self.admin.freeze(req.get("group"))
+
+    def _takeover(self, req: dict) -> dict:
+        return self.admin.takeover(req.get("group"))
+
+    def _handoff(self, req: dict) -> dict:
+        return self.admin.handoff(req.get("group"))
 
     def _view(self, req: dict) -> dict:
         return self.admin.apply_view(req.get("view"), req.get("alive"))

@@ -9,6 +9,8 @@
       group set G [--frequency HZ] [--target R|none] [--buffering on|off]
       flows [--group G] [--limit N]  the replica's active flows
       move FLOW G                    FLOW: 'tcp 10.0.0.1:1234 10.0.0.2:80' or a hex key
+      scale-in R | scale-out R       (to pico-sdn, control.controller_endpoint) remove a
+                                     replica from the ring, or add one: its flows move live
 
 Exit status: 0 done, 1 refused (the message says why), 2 usage, 3 the replica did not answer.
 """
@@ -53,6 +55,8 @@ def request(args) -> tuple[int, dict]:
     """The wire request for the parsed command line."""
     if args.cmd in ("groups", "stats"):
         return wire.STATS, {}
+    if args.cmd in ("scale-in", "scale-out"):
+        return wire.SCALE, {"op": args.cmd[6:], "replica": args.member}
     if args.cmd in ("suspend", "resume"):
         return (wire.SUSPEND if args.cmd == "suspend" else wire.RESUME), {"group": args.group}
     if args.cmd == "flows":
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="picoctl", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
-    where = ap.add_mutually_exclusive_group(required=True)
+    where = ap.add_mutually_exclusive_group()
     where.add_argument("--replica", help="replica name in the config (uses its rm_endpoint)")
     where.add_argument("--endpoint", help="the RM's endpoint, e.g. tcp://127.0.0.1:7201")
     ap.add_argument("--json", action="store_true", help="print the reply as JSON")
@@ -101,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     fl = sub.add_parser("flows")
     fl.add_argument("--group", type=int)
     fl.add_argument("--limit", type=int, default=100)
+    for name in ("scale-in", "scale-out"):  # to the controller (control.controller_endpoint)
+        sub.add_parser(name).add_argument("member", help="the replica to remove / add")
     mv = sub.add_parser("move")
     mv.add_argument("flow", help="'tcp 10.0.0.1:1234 10.0.0.2:80' (quoted) or a hex key")
     mv.add_argument("group", type=int)
@@ -108,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         endpoint = args.endpoint
+        if endpoint is None and args.cmd in ("scale-in", "scale-out"):
+            endpoint = load_config(args.config).control.controller_endpoint
+            if not endpoint:
+                print(f"picoctl: {args.config} has no control.controller_endpoint",
+                      file=sys.stderr)
+                return 2
+        elif endpoint is None and args.replica is None:
+            print("picoctl: say which replica: --replica NAME or --endpoint URL",
+                  file=sys.stderr)
+            return 2
         if endpoint is None:
             rep = load_config(args.config).replica(args.replica)
             if not rep.rm_endpoint:

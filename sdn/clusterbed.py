@@ -182,14 +182,14 @@ def topology(bed: SwitchedBed) -> Topology:
                     {r: port(r) for r in REPLICAS}, BUCKETS)
 
 
-def first_steering(bed: SwitchedBed) -> str:
+def first_steering(bed: SwitchedBed, members=None) -> str:
     """What pico-sdn will ask for at start, so Faucet starts with it (no reload at start)."""
-    c = Controller(list(REPLICAS), 0.0, vnodes=16, buckets=BUCKETS)
+    c = Controller(list(REPLICAS), 0.0, vnodes=16, buckets=BUCKETS, members=members)
     return faucet_config(topology(bed), list(c.primaries()))
 
 
 def cluster_yaml(bed: SwitchedBed, name: str, hold_ms: int = 500, shm_prefix: str = "picot",
-                 ha: bool = True) -> str:
+                 ha: bool = True, members: list[str] | None = None) -> str:
     reps = "\n".join(
         f"  {r}:\n    id: {i}\n    smm_endpoint: tcp://127.0.0.1:{free_port()}\n"
         f"    rm_endpoint: tcp://127.0.0.1:{free_port()}\n    nfqueue: 1\n"
@@ -210,6 +210,7 @@ sdn:
   client_subnet: {client_subnet(bed)}
   frequency_hz: 200
   heartbeat_timeout_ms: 300
+  members: {list(members or REPLICAS)}
   dp_id: {bed.dpid}
   hosts:
     c1: {{port: 1, role: client}}
@@ -228,10 +229,10 @@ class Cluster:
 
     def __init__(self, bed: SwitchedBed, tmp: Path, name: str, order: str = "activate-first",
                  hold_ms: int = 500, activate_delay_ms: int = 0, shm_prefix: str = "picot",
-                 ha: bool = True):
+                 ha: bool = True, members: list[str] | None = None):
         self.bed, self.tmp, self.shm_prefix = bed, tmp, shm_prefix
         self.path = tmp / f"{name}.yaml"
-        self.path.write_text(cluster_yaml(bed, name, hold_ms, shm_prefix, ha))
+        self.path.write_text(cluster_yaml(bed, name, hold_ms, shm_prefix, ha, members))
         self.cfg = load_config(self.path)
         self.procs: dict[str, list[subprocess.Popen]] = {r: [] for r in REPLICAS}
         self.others: list[subprocess.Popen] = []

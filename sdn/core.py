@@ -139,8 +139,11 @@ class Controller:
         return tuple(p.primary for p in placements(Ring(alive, self.vnodes), self.buckets))
 
     def start(self) -> list[Action]:
-        """The first steering rules, for the configured membership."""
-        return [Reroute(self.primaries(), self.view)]
+        """The first steering rules, for the configured membership, and that view to every
+        replica (so their PMMs place new flows on the same ring)."""
+        alive = tuple(sorted(self.alive))
+        return [Reroute(self.primaries(), self.view)] + [Reprotect(r, alive, self.view)
+                                                        for r in self.replicas]
 
     # ---------------------------------------------------------------- inputs
     def on_heartbeat(self, replica: str, now: float, healthy: bool = True,

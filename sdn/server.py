@@ -24,8 +24,8 @@ from shared import wire
 from shared.control import AsyncControl
 from shared.errors import PicoError, WireError
 
-from .core import (Activate, Controller, Failed, FailoverDone, Reprotect, Reroute,
-                   ORDER_ACTIVATE_FIRST)
+from .core import (Activate, Controller, Failed, FailoverDone, Freeze, Handoff, Reprotect,
+                   Reroute, ORDER_ACTIVATE_FIRST)
 from .steering import Port, Topology, faucet_config
 
 
@@ -74,7 +74,11 @@ class SdnServer:
         self.core = Controller(list(config.replicas), time.monotonic(),
                                heartbeat_timeout=sdn.heartbeat_timeout_ms / 1000.0,
                                vnodes=sdn.vnodes, buckets=sdn.buckets,
-                               activation_timeout=sdn.activation_timeout_ms / 1000.0, order=order)
+                               activation_timeout=sdn.activation_timeout_ms / 1000.0, order=order,
+                               members=sdn.members,
+                               chord_groups={r.name: sdn.CHORD_GROUP_BASE + r.id
+                                             for r in config.replicas.values()}
+                               if sdn.placement == "chords" else None)
         self.topo = topology(config)
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -119,6 +123,13 @@ class SdnServer:
                 if self.activate_delay and not getattr(a, "_due", False):
                     self.deferred.append((now + self.activate_delay, a))
                     continue
+                if a.group is not None:  # scale-out: the newcomer's RM picks its buckets
+                    client = self.rm.get(a.replica)
+                    seq = None if client is None else client.send(
+                        wire.TAKEOVER, wire.json_body({"group": a.group, "view": a.view}))
+                    if seq is not None:
+                        self.waiting[("takeover", a.replica, seq)] = a
+                    continue
                 body = wire.encode_activate(wire.SEL_REPLICA, self.ids[a.failed])
                 seq = self.smm[a.replica].send(wire.ACTIVATE, body)
                 if seq is not None:
@@ -136,9 +147,21 @@ class SdnServer:
                                                              "alive": list(a.alive)}))
                 if seq is not None:
                     self.waiting[("view", a.replica, seq)] = a
+            elif isinstance(a, (Freeze, Handoff)):
+                kind = "freeze" if isinstance(a, Freeze) else "handoff"
+                client = self.rm.get(a.replica)
+                if client is None:  # no RM to ask: go on
+                    self.apply(self.core.on_frozen(a.replica, a.view, now) if kind == "freeze"
+                               else self.core.on_handed_off(a.replica, a.view, now), now)
+                    continue
+                seq = client.send(wire.FREEZE if kind == "freeze" else wire.HANDOFF,
+                                  wire.json_body({"group": a.group, "view": a.view}))
+                if seq is not None:
+                    self.waiting[(kind, a.replica, seq)] = a
             elif isinstance(a, FailoverDone):
                 self.failovers.append(a)
-                self.log.info(f"failover of {a.replica} done (view {a.view}): detected in "
+                what = "failover" if a.kind == "failover" else a.kind
+                self.log.info(f"{what} of {a.replica} done (view {a.view}): detected in "
                               f"{a.detected * 1000:.0f} ms, activation "
                               f"{a.activation * 1000:.0f} ms, reroute {a.reroute * 1000:.0f} ms, "
                               f"re-protection {a.reprotect * 1000:.0f} ms")
@@ -158,10 +181,13 @@ class SdnServer:
     def _on_event(self, frame: bytes) -> bytes:
         try:
             msg = wire.decode(frame, self.config.control.max_message_bytes)
-            if msg.type != wire.EVENT:
-                raise WireError(wire.ERR_UNKNOWN_TYPE, f"pico-sdn takes EVENT (24) on this "
-                                f"endpoint, not type {msg.type}")
+            if msg.type not in (wire.EVENT, wire.SCALE):
+                raise WireError(wire.ERR_UNKNOWN_TYPE, f"pico-sdn takes EVENT (24) and SCALE "
+                                f"(28) on this endpoint, not type {msg.type}")
             ev = wire.parse_json_body(msg.body)
+            if msg.type == wire.SCALE:
+                return wire.encode(wire.SCALE | wire.REPLY_BIT, msg.seq,
+                                   wire.json_body(self._scale(ev)))
         except WireError as e:
             return wire.error_reply(wire.peek_seq(frame), e.code, str(e))
         now = time.monotonic()
@@ -181,11 +207,29 @@ class SdnServer:
             self.log.info(f"event {kind} from {replica}: {json.dumps(ev, sort_keys=True)}")
         return wire.encode(wire.EVENT | wire.REPLY_BIT, msg.seq, wire.json_body({"ok": True}))
 
+    def _scale(self, req: dict) -> dict:
+        op, replica = req.get("op"), req.get("replica")
+        if op not in ("in", "out") or replica not in self.ids:
+            raise WireError(wire.ERR_BAD_BODY, "scale: {\"op\": \"in\"|\"out\", "
+                            f"\"replica\": one of {sorted(self.ids)}}}")
+        now = time.monotonic()
+        acts = self.core.scale_in(replica, now) if op == "in" else \
+            self.core.scale_out(replica, now)
+        if not acts and not (self.core.current and self.core.current.replica == replica) \
+                and not any(f.replica == replica for f in self.core.queue):
+            raise WireError(wire.ERR_BAD_BODY, f"cannot scale {op} {replica}: members are "
+                            f"{sorted(self.core.alive)}" + (" (scale-out needs chords "
+                                                            "placement)" if op == "out" else ""))
+        self.log.info(f"scale-{op} of {replica} started (view {self.core.view})")
+        self.apply(acts, now)
+        return {"op": op, "replica": replica, "view": self.core.view,
+                "members": sorted(self.core.alive)}
+
     def _collect(self, now: float) -> None:
         for name, client in list(self.smm.items()) + list(self.rm.items()):
             for reply in client.poll():
                 now = time.monotonic()  # (a reroute above may have taken a while)
-                for kind in ("activate", "view"):
+                for kind in ("activate", "view", "freeze", "handoff", "takeover"):
                     a = self.waiting.pop((kind, name, reply.seq), None)
                     if a is None:
                         continue
@@ -197,8 +241,18 @@ class SdnServer:
                     if kind == "activate":
                         n = len(wire.decode_key_list(reply.body)) if reply.status == wire.OK \
                             else 0
-                        self.log.info(f"{name} activated {n} flow(s) of {a.failed}")
+                        of = a.failed if a.group is None else f"group {a.group}"
+                        self.log.info(f"{name} activated {n} flow(s) of {of}")
                         self.apply(self.core.on_activated(name, a.view, now), now)
+                    elif kind == "takeover":
+                        self.log.info(f"{name} took over: {reply.body[:200]!r}")
+                        self.apply(self.core.on_activated(name, a.view, now), now)
+                    elif kind == "freeze":
+                        self.log.info(f"{name} frozen: {reply.body[:200]!r}")
+                        self.apply(self.core.on_frozen(name, a.view, now), now)
+                    elif kind == "handoff":
+                        self.log.info(f"{name} handed off: {reply.body[:200]!r}")
+                        self.apply(self.core.on_handed_off(name, a.view, now), now)
                     else:
                         self.apply(self.core.on_reprotected(name, a.view, now), now)
 

@@ -196,7 +196,7 @@ GROUP_MB = ["pkts_read", "pkts_done", "written", "written_direct", "dropped", "o
             "created"]
 GROUP = _struct(
     [(n, "<u4", 4 * i) for i, n in enumerate(GROUP_CONTROL)]
-    + [("reserved0", "<u4", 28), ("epoch", "<u8", 32), ("committed", "<u8", 40),
+    + [("discard", "<u4", 28), ("epoch", "<u8", 32), ("committed", "<u8", 40),
        ("reserved1", ("<u8", 2), 48)]
     + [(n, "<u8", 64 + 8 * i) for i, n in enumerate(GROUP_PMM)]
     + [("reserved2", ("<u8", 3), 104)]

@@ -141,6 +141,7 @@ class SdnConfig:
     dp_id: int = 1
     vid: int = 100
     hosts: dict[str, SdnHost] = dataclasses.field(default_factory=dict)
+    members: list | None = None
     faucet: FaucetConfig = dataclasses.field(default_factory=FaucetConfig)
 
     CHORD_GROUP_BASE = 1000  # chords: group "to-<replica>" has id 1000 + replica id
@@ -381,6 +382,8 @@ SDN = Section({
     "dp_id": Field(int, 1, in_range(1, 2**48), "the switch's datapath id"),
     "vid": Field(int, 100, in_range(1, 4094), "VLAN of every port"),
     "hosts": Field(MapOf(SDN_HOST, r"[a-z][a-z0-9-]{0,14}"), {}, doc="edge ports"),
+    "members": Field((list, type(None)), None, doc="replicas on the ring at start (default: "
+                     "all); the others can join later (picoctl scale-out)"),
     "faucet": Field(FAUCET, {}),
 }, SdnConfig)
 
@@ -651,6 +654,11 @@ def _check_references(cfg: ClusterConfig, raw: Any) -> None:
 
 def _check_sdn(cfg: ClusterConfig, raw: Any) -> None:
     sdn, where = cfg.sdn, lambda k: (cfg.path, _line_at(raw, k), k)
+    if sdn.members is not None:
+        bad = [m for m in sdn.members if m not in cfg.replicas]
+        if bad or not sdn.members:
+            raise ConfigError(f"sdn.members must name configured replicas (at least one); "
+                              f"unknown: {bad}", *where("sdn.members"))
     fc = sdn.faucet
     if fc.config and not (fc.event_sock and fc.pid_file):
         raise ConfigError("sdn.faucet.config needs event_sock and pid_file too: pico-sdn "

@@ -1209,6 +1209,10 @@ static int pkt_try_read(pico_pkt_io *io, pico_packet *pkt)
             io->orig_len = pkt->len;
             io->last_meta = pkt->meta;
             io->orig_valid = 1;
+            if (__atomic_load_n(&g->discard, __ATOMIC_ACQUIRE)) {
+                pico_pkt_drop(io, pkt); /* handed off elsewhere: never shown to the caller */
+                continue;
+            }
             return 1;
         }
     }

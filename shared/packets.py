@@ -256,8 +256,12 @@ class PacketClient:
             if got is not None:
                 self._rr = (self._rr + k + 1) % n
                 m, data = got
-                return Packet(data, m.packet_id, m.flags, m.group, i, m.flow_hash, m.key,
-                              m.ts_ns)
+                pkt = Packet(data, m.packet_id, m.flags, m.group, i, m.flow_hash, m.key,
+                             m.ts_ns)
+                if groups[i]["discard"]:  # handed off to another replica (pico_abi.h)
+                    self.pkt_drop(pkt)
+                    continue
+                return pkt
         return None
 
     def pkt_read(self, timeout: float | None = None) -> Packet | None:
@@ -451,6 +455,11 @@ class GroupControl:
         i = self.index(group)
         self.seg.groups[i]["state"] = abi.GROUP_FREE
         self.bump_generation()
+
+    def set_discard(self, group: int, on: bool) -> None:
+        """Have the middlebox binding drop what it reads from the group's input ring."""
+        self._w32[self._word(group, "discard")] = int(on)
+        fence()
 
     def set_view(self, view: int, alive_ids) -> None:
         """The controller's membership view, for the PMM's placement: mask first, view last."""

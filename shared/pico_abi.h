@@ -415,7 +415,9 @@ typedef struct pico_group {
     uint32_t buffering;        /*  16 1 = hold output until committed */
     uint32_t suspended;        /*  20 1 = the middlebox must not read this group's input */
     uint32_t protected_;       /*  24 1 = checkpoints run for this group */
-    uint32_t reserved0;        /*  28 */
+    uint32_t discard;          /*  28 (ABI 1.2) 1 = the middlebox binding drops what it reads
+                                *     from this group's input ring instead of returning it
+                                *     (packets of flows handed off to another replica) */
     uint64_t epoch;            /*  32 current epoch: the tag of outputs written now */
     uint64_t committed;        /*  40 last epoch acknowledged by the backup */
     uint64_t reserved1[2];     /*  48 */

@@ -42,11 +42,21 @@ GROUP_CREATE, GROUP_DELETE, FLOWS, MOVE = 20, 21, 22, 23
 EVENT = 24
 # The controller's new membership view, to a replica's RM (JSON): it re-protects taken-over flows.
 VIEW = 25
+# Live migration (the controller's elastic scale): FREEZE {"group": G|null, "view": V} holds a
+# group (null: every protected group) and answers once its last epoch is acknowledged;
+# HANDOFF {"group": G, "view": V}: the group's flows live elsewhere now, drop them and go on.
+FREEZE, HANDOFF = 26, 27
+# TAKEOVER {"group": G, "view": V}: activate the standby flows of G whose bucket this replica
+# is now the primary of (scale-out, on the newcomer); answers {"activated": n}.
+TAKEOVER = 29
+# To the controller: SCALE {"op": "in"|"out", "replica": R} (picoctl scale-in/scale-out).
+SCALE = 28
 TYPE_NAMES = {PING: "ping", INSTALL: "install", ACTIVATE: "activate", DUMP: "dump",
               STATS: "stats", INSTALL_BATCH: "install_batch", GROUPS: "groups",
               SUSPEND: "suspend", RESUME: "resume", GROUP_SET: "group_set",
               GROUP_CREATE: "group_create", GROUP_DELETE: "group_delete", FLOWS: "flows",
-              MOVE: "move", EVENT: "event", VIEW: "view", ERROR: "error"}
+              MOVE: "move", EVENT: "event", VIEW: "view", FREEZE: "freeze",
+              HANDOFF: "handoff", SCALE: "scale", TAKEOVER: "takeover", ERROR: "error"}
 
 # Status / error codes
 OK = 0

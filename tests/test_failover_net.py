@@ -166,3 +166,83 @@ def test_a_restarted_controller_adopts_the_view_and_still_fails_over(bed, tmp_pa
     assert len(results) == 32
     assert [r for r in results if r["error"]] == []
     assert all(r["last"] > t_kill + 2.0 for r in results)       # all on r3 now, all alive
+
+
+def _scale(cluster, op: str, replica: str) -> None:
+    from rm.ctl import main as picoctl
+    assert picoctl(["--config", str(cluster.path), f"scale-{op}", replica]) == 0
+    cluster.wait_log("sdn", f"scale-{op} of {replica} done", timeout=30)
+
+
+def _traffic_around(bed, cluster, action, secs=10.0):
+    srv = cl = None
+    try:
+        cluster.wait_log("sdn", "controlling 3 replica(s)")
+        srv, cl, lines = _clients(bed, per=2, secs=secs)
+        lines.expect(lambda s: s.startswith("tick 2."), timeout=20)
+        t = time.monotonic()
+        action()
+        return _results(lines), t
+    finally:
+        for p in (cl, srv):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(10)
+
+
+def _group_states(cluster, replicas) -> dict:
+    """Each replica's group table as its RM reports it (for failure messages)."""
+    from shared import wire
+    from shared.control import ControlClient
+    out = {}
+    for r in replicas:
+        try:
+            with ControlClient(cluster.cfg.replica(r).rm_endpoint, timeout_ms=1000) as c:
+                rows = json.loads(c.request(wire.STATS).body)["groups"]
+            out[r] = [{k: g.get(k) for k in ("id", "suspended", "buffering", "protected",
+                                             "held", "input_queued", "output_queued",
+                                             "committed", "epoch")} for g in rows]
+        except Exception as e:  # noqa: BLE001 - a diagnostic only
+            out[r] = repr(e)
+    return out
+
+
+def test_scale_in_moves_a_replicas_flows_live_and_breaks_nothing(bed, tmp_path):
+    cluster = Cluster(bed, tmp_path, f"si{os.getpid() % 1000}")
+    try:
+        def leave():
+            _scale(cluster, "in", "r1")
+            cluster.kill_replica("r1")       # gone for good: nobody fails it over again
+        results, t = _traffic_around(bed, cluster, leave)
+        log = cluster.log_text("sdn")
+        assert "replica r1 failed" not in log and "r1 frozen" in log
+        states = _group_states(cluster, ["r2", "r3"])
+    finally:
+        cluster.stop()
+    assert len(results) == 32
+    assert [(r["src"], r["error"]) for r in results if r["error"]] == [], states
+    assert all(r["last"] > t + 2.0 for r in results)
+
+
+def test_scale_out_moves_buckets_to_the_newcomer_live(tmp_path):
+    from sdn.clusterbed import first_steering as steer
+    b = SwitchedBed(HOSTS, lambda bed: steer(bed, ["r1", "r2"]),
+                    prefix=f"fo{os.getpid() % 100}", base_dir=tmp_path, index=48, ipv6=False)
+    b.start()
+    cluster = None
+    try:
+        cluster = Cluster(b, tmp_path, f"so{os.getpid() % 1000}", members=["r1", "r2"])
+        results, t = _traffic_around(b, cluster, lambda: _scale(cluster, "out", "r3"))
+        from shared.api import attach_replica
+        from shared.flowtable import ACTIVE
+        with attach_replica(cluster.cfg, "r3") as r3:
+            taken = int((r3.table.slots["status"] == ACTIVE).sum())
+        assert taken > 0, cluster.log_text("sdn")   # r3 serves moved connections now
+        assert "r3 took over" in cluster.log_text("sdn")
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        b.stop()
+    assert len(results) == 32
+    assert [(r["src"], r["error"]) for r in results if r["error"]] == []
+    assert all(r["last"] > t + 2.0 for r in results)

@@ -24,9 +24,10 @@ def kinds(actions):
 
 def test_start_steers_every_bucket_to_its_ring_primary():
     c = ctl()
-    (r,) = c.start()
+    r, *views = c.start()
     want = tuple(p.primary for p in placements(Ring(R, 16), 16))
     assert r == Reroute(want, 1) and set(want) == set(R)
+    assert views == [Reprotect(x, tuple(R), 1) for x in R]  # every replica learns the view
 
 
 def test_silence_past_the_timeout_is_a_failure_and_the_order_is_activate_reroute_reprotect():

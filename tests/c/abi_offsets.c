@@ -86,7 +86,7 @@ static void begin(const char *name, size_t size)
 
 #define GROUP_FIELDS(T, F)                                                      \
     F(T, id) F(T, state) F(T, frequency_hz) F(T, target) F(T, buffering)        \
-    F(T, suspended) F(T, protected_) F(T, reserved0) F(T, epoch) F(T, committed) \
+    F(T, suspended) F(T, protected_) F(T, discard) F(T, epoch) F(T, committed) \
     F(T, reserved1) F(T, rx_packets) F(T, rx_bytes) F(T, input_drops)           \
     F(T, released) F(T, held) F(T, reserved2) F(T, pkts_read) F(T, pkts_done)   \
     F(T, written) F(T, written_direct) F(T, dropped) F(T, output_full)          \
