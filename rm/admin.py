@@ -264,12 +264,42 @@ class Admin:
                 if rid != s.replica.id and g not in s.groups and g in s.seg.active_groups():
                     s.protect(g, rid, s.config.sdn.frequency_hz, now)
                     s.ctl.set_buffering(g, s.buffering.get(g, True))
+        reprotected = self._retarget(ids)
         moved = self._regroup(set(ids.values())) if s.config.sdn is not None and \
             s.config.sdn.placement == "chords" else 0
         s.view = view  # applied whole (a BUSY regroup raises first: a resend retries it)
         s.log.info(f"view {view}: alive {sorted(ids)}; {len(unprotected)} group(s) lost their "
                    f"backup, {moved} flow(s) re-protected")
-        return {"view": view, "applied": True, "moved": moved, "unprotected": unprotected}
+        return {"view": view, "applied": True, "moved": moved, "unprotected": unprotected,
+                "retargeted": reprotected}
+
+    def _retarget(self, alive: dict[str, int]) -> dict[int, str]:
+        """Groups of the config (Differentiated Pico Streams) whose configured backup is this
+        replica or gone are protected to another live replica: the next one after this one
+        in name order, the same choice on every replica. Flows activated here at a failover
+        sit in such groups; so do this replica's own flows of a group whose backup failed."""
+        s = self.s
+        by_id = {g.id: g for g in s.config.groups.values()
+                 if s.config.sdn is None or not g.name.startswith("to-")}
+        names = sorted(alive)
+        if s.replica.name not in names or len(names) < 2:
+            return {}
+        nxt = names[(names.index(s.replica.name) + 1) % len(names)]
+        out = {}
+        now = time.monotonic()
+        for gid in s.seg.active_groups():
+            g = by_id.get(gid)
+            if g is None or g.target is None or gid in s.groups:
+                continue
+            if g.target != s.replica.name and g.target in alive:
+                continue
+            s.protect(gid, alive[nxt], g.frequency_hz, now)
+            s.ctl.set_buffering(gid, g.buffering)
+            s.buffering[gid] = g.buffering
+            out[gid] = nxt
+            s.log.info(f"group={gid} protected to {nxt} (its configured backup "
+                       f"{g.target} is {'this replica' if g.target == s.replica.name else 'gone'})")
+        return out
 
     def _regroup(self, alive_ids: set[int]) -> int:
         from pmm.classify import ChordsPlacer

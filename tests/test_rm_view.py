@@ -76,3 +76,38 @@ def rm_request(rm, body):
                         1 << 20)
     assert reply.status == wire.OK, reply.body
     return json.loads(reply.body)
+
+
+STREAMS = """sdn:
+  placement: streams
+groups:
+  web: {id: 1, target: r1, frequency_hz: 200}
+"""
+
+
+def test_streams_groups_whose_backup_left_are_protected_to_the_next_replica(tmp_path, smm_factory):
+    """Differentiated Pico Streams: r1 was group web's backup. On r2, the view without r1
+    protects web to r3 (the next live replica after r2), so r2's flows are covered again."""
+    cfg = write_config(tmp_path, replicas=3, extra=STREAMS, request_timeout_ms=500)
+    store = PacketStore(cfg, "r2")
+    smm_factory(cfg, "r2")
+    smm_factory(cfg, "r3")
+    rm = RmServer(cfg, "r2", metrics=False)
+    flows = attach_replica(cfg, "r2")
+    keys = [make_key(f"10.80.0.{h}", 5000 + h, "10.80.1.1", 443, 6) for h in range(1, 6)]
+    try:
+        for k in keys:
+            flows.get_flow(k, create=True, group=1)[0] = 9
+            flows.put_flow(k)
+        reply = rm_request(rm, {"view": 2, "alive": ["r2", "r3"]})
+        assert reply["retargeted"] == {"1": "r3"}   # (JSON keys are strings)
+        row = store.seg.groups[store.seg.active_groups()[1]]
+        assert int(row["target"]) == 3 and int(row["protected_"]) == 1
+        assert int(row["buffering"]) == 1
+        with attach_replica(cfg, "r3") as r3:
+            _pump(rm, lambda: all(r3.table.lookup(k)[1] == STANDBY for k in keys),
+                  "r3 holds web's flows")
+    finally:
+        flows.close()
+        rm.close()
+        store.close()
