@@ -41,6 +41,26 @@ def topology(config) -> Topology | None:
                     sdn.buckets)
 
 
+def ports_down(metrics_text: str) -> set[str]:
+    """Port names Faucet's Prometheus `port_status` gauge says are down (0)."""
+    import re
+    down = set()
+    for m in re.finditer(r'^port_status\{([^}]*)\}\s+([0-9.eE+-]+)\s*$', metrics_text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m[1]))
+        if "port" in labels and float(m[2]) == 0.0:
+            down.add(labels["port"])
+    return down
+
+
+def faucet_metrics(port: int, netns: str | None) -> str:
+    if netns:
+        from .testbed import http_get_in_netns
+        return http_get_in_netns(netns, port)
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+        return r.read().decode(errors="replace")
+
+
 def poke(port: int, netns: str | None) -> None:
     """Wake Faucet's eventlet hub: it acts on SIGHUP only at its next wakeup (any socket
     activity), so connect to its Prometheus port (notes: networking-stack §5)."""
@@ -96,6 +116,7 @@ class SdnServer:
         # the view they act on, and a restarted controller adopts it instead of steering
         # the configured membership over a cluster that has moved on.
         self.steered = False
+        self.lost_seen = 0
         self.learn_until = time.monotonic() + config.sdn.heartbeat_timeout_ms / 1000.0
         # A test knob: activations wait this long (a slow activation of many flows), to show
         # what the wrong order costs. 0 in production.
@@ -259,6 +280,19 @@ class SdnServer:
     def _faucet_events(self, now: float) -> None:
         if self.events is None:
             return
+        if self.events.lost > self.lost_seen:  # events were lost: ask Faucet for the truth
+            self.lost_seen = self.events.lost
+            fc = self.config.sdn.faucet
+            try:
+                down = ports_down(faucet_metrics(fc.prometheus_port, fc.netns))
+            except (OSError, PicoError) as e:
+                self.log.warning(f"faucet events were lost and its port status is not "
+                                 f"readable: {e}")
+                down = set()
+            self.log.warning(f"faucet events were lost ({self.events.lost} so far): ports "
+                             f"down per its metrics: {sorted(down) or 'none'}")
+            for name in down & set(self.ids):
+                self.apply(self.core.on_link(name, False, now), now)
         for ev in self.events.poll(0.0):
             if ev.kind == "PORT_CHANGE" and ev.port_no in self.by_port and ev.up is not None:
                 self.apply(self.core.on_link(self.by_port[ev.port_no], ev.up, now), now)

@@ -68,3 +68,14 @@ def test_a_silent_replica_is_failed_over_to_the_survivors(tmp_path, smm_factory)
         t.join(5)
         beat.close()
         server.close()
+
+
+def test_port_status_from_faucets_metrics():
+    from sdn.server import ports_down
+    text = ('# HELP port_status status of switch ports\n'
+            'port_status{dp_id="0x1",dp_name="pico",port="r1",port_description="r1"} 0.0\n'
+            'port_status{dp_id="0x1",dp_name="pico",port="r2",port_description="r2"} 1.0\n'
+            'port_status_other{port="r3"} 0.0\n'
+            'learned_macs{dp_id="0x1",n="0"} 0.0\n')
+    assert ports_down(text) == {"r1"}
+    assert ports_down("garbage\n{}\n") == set()
