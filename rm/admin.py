@@ -390,7 +390,7 @@ class Admin:
         if not keys:
             return {"group": group, "activated": 0}
         with ControlClient(s.replica.smm_endpoint,
-                           timeout_ms=s.config.control.request_timeout_ms * 4) as smm:
+                           timeout_ms=s.config.control.request_timeout_ms) as smm:
             reply = smm.request(wire.ACTIVATE, wire.encode_activate(wire.SEL_KEYS, 0, keys))
         n = len(wire.decode_key_list(reply.body))
         s.log.info(f"group={group} taken over: {n} flow(s) activated here")
@@ -412,11 +412,13 @@ class Admin:
         # elsewhere: the middlebox binding drops them (TCP resends them to the new primary)
         # instead of showing them to a middlebox that would find no state, then the copies go.
         s.ctl.set_discard(group, True)
-        self.release({group})
-        ring = s.seg.input_ring(s.ctl.index(group))
-        self._pump_until(lambda: not len(ring), time.monotonic() + QUIET_TIMEOUT)
-        dropped = sum(bool(t.del_flow(key)) for key in gone)
-        s.ctl.set_discard(group, False)
+        try:
+            self.release({group})
+            ring = s.seg.input_ring(s.ctl.index(group))
+            self._pump_until(lambda: not len(ring), time.monotonic() + QUIET_TIMEOUT)
+            dropped = sum(bool(t.del_flow(key)) for key in gone)
+        finally:
+            s.ctl.set_discard(group, False)
         s.log.info(f"group={group} handed off: {dropped} flow(s) dropped here")
         return {"group": group, "dropped": dropped}
 

@@ -10,6 +10,8 @@ first, and bad input gets an error reply and is counted. Requests:
   GROUP_DELETE            {"group": G}: its flows join the default group
   FLOWS                   {"group": G?, "limit": N?}
   MOVE                    {"key": HEX, "group": G}
+  VIEW                    {"view": V, "alive": [R...]}: the controller's membership (sdn)
+  FREEZE / TAKEOVER / HANDOFF {"group": G|null, "view": V}: live migration steps (sdn)
 The changes themselves are rm.admin's.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """picoctl: operate a replica's RM over ZeroMQ.
 
-    picoctl [--config FILE] (--replica NAME | --endpoint URL) [--json] [--timeout MS] COMMAND
+    picoctl [--config FILE] [--replica NAME | --endpoint URL] [--json] [--timeout MS] COMMAND
       groups | stats                 the replica's groups: frequency configured and achieved,
                                      commit latency p50/p99, held output, last acked epoch...
       suspend G | resume G           hold or release group G's input

@@ -108,7 +108,7 @@ class Controller:
                  vnodes: int = 16, buckets: int = 16, activation_timeout: float = 1.0,
                  reprotect_timeout: float = 2.0, order: str = ORDER_ACTIVATE_FIRST,
                  startup_grace: float = 30.0, members=None, chord_groups=None,
-                 freeze_timeout: float = 5.0):
+                 freeze_timeout: float = 10.0):
         if order not in (ORDER_ACTIVATE_FIRST, ORDER_REROUTE_FIRST):
             raise ValueError(f"unknown failover order {order!r}")
         self.replicas = sorted(replicas)
@@ -215,8 +215,7 @@ class Controller:
         if replica not in self.alive or len(self.alive) < 2:
             return []
         self.alive.discard(replica)
-        self.view += 1
-        f = _Failover(replica, "scale-in", now, now, self.view, SCALE_IN,
+        f = _Failover(replica, "scale-in", now, now, 0, SCALE_IN,
                       (FREEZING, ACTIVATING, REROUTING, REPROTECTING))
         return self._enqueue(f, now)
 
@@ -231,8 +230,7 @@ class Controller:
         others = tuple(sorted(self.alive))
         self.alive.add(replica)
         self.last_beat[replica] = now
-        self.view += 1
-        f = _Failover(replica, "scale-out", now, now, self.view, SCALE_OUT,
+        f = _Failover(replica, "scale-out", now, now, 0, SCALE_OUT,
                       (VIEWING, FREEZING, ACTIVATING, REROUTING, HANDOFF, REPROTECTING), others)
         return self._enqueue(f, now)
 
@@ -247,19 +245,19 @@ class Controller:
         if replica not in self.alive:
             return []
         self.alive.discard(replica)
-        self.view += 1
         phases = ((REROUTING, ACTIVATING, REPROTECTING) if self.order == ORDER_REROUTE_FIRST
                   else (ACTIVATING, REROUTING, REPROTECTING))
-        f = _Failover(replica, reason, since, now, self.view, FAILOVER, phases)
-        out: list[Action] = [Failed(replica, reason, self.view)]
+        f = _Failover(replica, reason, since, now, 0, FAILOVER, phases)
         if self.current is None:
-            out += self._begin(f, now)
-        else:
-            self.queue.append(f)
-        return out
+            acts = self._begin(f, now)
+            return [Failed(replica, reason, f.view)] + acts
+        self.queue.append(f)  # (its view number is taken when it starts: views only grow)
+        return [Failed(replica, reason, 0)]
 
     def _begin(self, f: _Failover, now: float) -> list[Action]:
         self.current = f
+        self.view += 1
+        f.view = self.view
         return self._phase(f.phases[0], now)
 
     def _phase(self, phase: str, now: float) -> list[Action]:

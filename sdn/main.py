@@ -3,7 +3,8 @@
 Steers every client flow to its replica through Faucet (sdn.placement, sdn.hosts), takes the
 replicas' heartbeats and events on control.controller_endpoint, watches Faucet's event socket
 for replica links going down, and fails a replica over in the order activate -> reroute ->
-re-protect. --order reroute-first exists only to show that the other order breaks connections.
+re-protect, and moves replicas in and out of the ring live (picoctl scale-in/scale-out).
+--order reroute-first exists only to show that the other order breaks connections.
 """
 from __future__ import annotations
 

@@ -439,7 +439,7 @@ class GroupControl:
         for f in abi.GROUP_PMM + abi.GROUP_MB:
             row[f] = 0
         row["id"], row["frequency_hz"], row["target"] = group, frequency_hz, target
-        row["buffering"], row["suspended"] = int(buffering), 0
+        row["buffering"], row["suspended"], row["discard"] = int(buffering), 0, 0
         row["protected_"] = int(bool(target))
         row["epoch"], row["committed"] = 1, 0
         fence()

@@ -1,6 +1,7 @@
 /*
  * pico_abi.h - the Pico shared-memory ABI, version 1.2 (1.0, plus the packet segment in 1.1,
- * plus the stripes' dirty hints in 1.2).
+ * plus in 1.2: the stripes' dirty hints, the membership view in the packet descriptor, the
+ * standby-hold counters, and the group entry's discard word).
  *
  * This header is THE layout specification. The Python binding (shared/abi.py) mirrors every
  * struct below as a numpy dtype with explicit offsets, and tests/test_abi_offsets.py compiles a
