@@ -336,6 +336,8 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-        for f in Path("/dev/shm").glob(f"{self.shm_prefix}.{self.cfg.cluster.name}.*"):
-            f.unlink(missing_ok=True)
+        name = f"{self.shm_prefix}.{self.cfg.cluster.name}."
+        for pattern in (f"{name}*", f"sem.{name}*"):  # a SIGKILLed SMM leaves both behind
+            for f in Path("/dev/shm").glob(pattern):
+                f.unlink(missing_ok=True)
         os.sync()
