@@ -106,6 +106,7 @@ class GroupEpochs:
     resync: bool = False           # the next epoch is taken as a FULL snapshot
     resyncs: int = 0
     commits: int = 0               # acks that advanced `committed`
+    skipped: int = 0               # deadlines passed without an epoch (idle group)
     timeout_at: float = math.inf   # no in-flight epoch can time out before this
 
     def __post_init__(self) -> None:
@@ -118,6 +119,12 @@ class GroupEpochs:
     def _grid_after(self, now: float) -> float:
         """The first multiple of the period after `now`: groups of one frequency share it."""
         return (math.floor(now / self.period) + 1) * self.period
+
+    def skip(self, now: float) -> None:
+        """Nothing happened in the group since its last epoch (the shell saw no packet read
+        and no output waiting): let this deadline pass without an epoch."""
+        self.next_due = self._grid_after(now)
+        self.skipped += 1
 
     def set_frequency(self, hz: float, now: float) -> None:
         self.frequency_hz = hz

@@ -34,6 +34,8 @@ from .epochs import (RUNNING, Capture, Commit, GroupEpochs, OpenEpoch, Resume, S
                      Unprotect)
 from .events import ControllerEvents
 
+IDLE_MAX_S = 0.1  # an idle group still takes an epoch this often
+
 
 class RmServer:
     def __init__(self, config, replica: str, metrics: bool = True):
@@ -55,6 +57,8 @@ class RmServer:
         self.outbox: dict[int, list[bytes]] = {}       # target -> INSTALL bodies of this pass
         self.moved_out: dict[int, list[tuple[bytes, int]]] = {}  # group -> (key, version)
         self.operator_suspended: set[int] = set()      # picoctl suspend: epochs must not resume
+        self._last_read: dict[int, int] = {}   # group -> pkts_read when its last epoch was taken
+        self._last_epoch: dict[int, float] = {}
         self.held: set[int] = set()  # an operator change holds the group: epochs run, no resume
         self.unprotected_total = 0
         self.events = ControllerEvents(config.control.controller_endpoint, self.log,
@@ -137,6 +141,9 @@ class RmServer:
             if ge.state == RUNNING:
                 if now < ge.next_due and now < ge.timeout_at:
                     continue
+                if now >= ge.next_due and not ge.inflight and self._idle(ge, now):
+                    ge.skip(now)  # nothing to checkpoint, no output to release
+                    continue
                 acts = ge.step(now)  # a suspending step judges nothing (rm/epochs.py)
                 if acts:
                     self._apply(ge, acts)
@@ -155,6 +162,9 @@ class RmServer:
             got = capture(self.flows.table, [a.group for a in takes],
                           [a.group for a in takes if a.full])
             for a in takes:
+                i = self.ctl.index(a.group)
+                self._last_read[a.group] = int(self.seg.groups[i]["pkts_read"])
+                self._last_epoch[a.group] = now
                 recs, slots = got[a.group]
                 mark_captured(self.flows.table, slots, a.epoch)
                 self.captured.setdefault(a.group, {})[a.epoch] = (self._with_moves(a.group, recs),
@@ -163,6 +173,22 @@ class RmServer:
             self._apply(ge, acts)
         self._flush()
         self.ctl.ring_bells()  # one wake-up for the PMM and the middlebox per pass
+
+    def _idle(self, ge: GroupEpochs, now: float) -> bool:
+        """No packet read from the group since its last epoch, no output waiting, no move
+        pending, and an epoch within IDLE_MAX_S: an epoch now would carry nothing (a
+        middlebox that changes state without packets is still checkpointed every IDLE_MAX_S).
+        Idle groups then cost no suspension, no capture and no message."""
+        g = ge.group
+        if g in self.held or self.moved_out.get(g) or ge.resync:
+            return False
+        i = self.ctl.index(g)
+        read = int(self.seg.groups[i]["pkts_read"])
+        last = self._last_read.get(g)
+        if last is None or read != last or len(self.seg.output_ring(i)) or \
+                now - self._last_epoch.get(g, 0.0) >= IDLE_MAX_S:
+            return False
+        return True
 
     def _with_moves(self, group: int, recs):
         """Flows moved out of the group since its last epoch leave its backup as deletes."""

@@ -189,7 +189,10 @@ def first_steering(bed: SwitchedBed, members=None) -> str:
 
 
 def cluster_yaml(bed: SwitchedBed, name: str, hold_ms: int = 500, shm_prefix: str = "picot",
-                 ha: bool = True, members: list[str] | None = None) -> str:
+                 ha: bool = True, members: list[str] | None = None, frequency_hz: int = 200,
+                 groups: str = "", capacity: int = 4096) -> str:
+    """ha: chords placement (a group per backup at frequency_hz); else streams placement with
+    the given `groups` YAML (groups: and policies: sections; empty: no replication)."""
     reps = "\n".join(
         f"  {r}:\n    id: {i}\n    smm_endpoint: tcp://127.0.0.1:{free_port()}\n"
         f"    rm_endpoint: tcp://127.0.0.1:{free_port()}\n    nfqueue: 1\n"
@@ -197,7 +200,7 @@ def cluster_yaml(bed: SwitchedBed, name: str, hold_ms: int = 500, shm_prefix: st
         for i, r in enumerate(REPLICAS, 1))
     return f"""version: 1
 cluster: {{name: {name}, shm_prefix: {shm_prefix}}}
-flow_table: {{capacity: 4096, state_size: 64, lock_stripes: 64}}
+flow_table: {{capacity: {capacity}, state_size: 64, lock_stripes: 64}}
 control: {{request_timeout_ms: 300, heartbeat_interval_ms: 50,
           controller_endpoint: "tcp://127.0.0.1:{free_port()}"}}
 packets: {{ring_slots: 1024, pending_timeout_ms: 2000, standby_hold_ms: {hold_ms}}}
@@ -208,7 +211,7 @@ sdn:
   vnodes: 16
   buckets: {BUCKETS}
   client_subnet: {client_subnet(bed)}
-  frequency_hz: 200
+  frequency_hz: {frequency_hz}
   heartbeat_timeout_ms: 300
   members: {list(members or REPLICAS)}
   dp_id: {bed.dpid}
@@ -221,7 +224,7 @@ sdn:
     pid_file: {bed.faucet_pidfile}
     prometheus_port: {bed.prom_port}
     netns: {bed.switch_ns}
-"""
+{groups}"""
 
 
 class Cluster:
@@ -229,10 +232,12 @@ class Cluster:
 
     def __init__(self, bed: SwitchedBed, tmp: Path, name: str, order: str = "activate-first",
                  hold_ms: int = 500, activate_delay_ms: int = 0, shm_prefix: str = "picot",
-                 ha: bool = True, members: list[str] | None = None):
+                 ha: bool = True, members: list[str] | None = None, frequency_hz: int = 200,
+                 groups: str = "", capacity: int = 4096):
         self.bed, self.tmp, self.shm_prefix = bed, tmp, shm_prefix
         self.path = tmp / f"{name}.yaml"
-        self.path.write_text(cluster_yaml(bed, name, hold_ms, shm_prefix, ha, members))
+        self.path.write_text(cluster_yaml(bed, name, hold_ms, shm_prefix, ha, members,
+                                          frequency_hz, groups, capacity))
         self.cfg = load_config(self.path)
         self.procs: dict[str, list[subprocess.Popen]] = {r: [] for r in REPLICAS}
         self.others: list[subprocess.Popen] = []
