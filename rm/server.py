@@ -293,7 +293,10 @@ class RmServer:
         """This replica as the controller should see it: every process alive and beating. A
         process that hangs while its link stays up is found here (fate-sharing stops the
         others when one dies)."""
-        now_ns, stale_ns = time.monotonic_ns(), int(3 * self.beat_s * 1e9)
+        # stale: later than the controller's own silence timeout (a loaded machine delays a
+        # beat now and then; a hung process stays stale)
+        sdn_s = self.config.sdn.heartbeat_timeout_ms / 1000.0 if self.config.sdn else 0.0
+        now_ns, stale_ns = time.monotonic_ns(), int(max(3 * self.beat_s, sdn_s) * 1e9)
         problems = []
         for who, ns in (("smm", int(self._smm_beat["heartbeat_ns"])),
                         ("pmm", int(self.seg.counters["heartbeat_ns"]))):

@@ -124,6 +124,7 @@ class Controller:
         # A replica is judged by its heartbeats once it has sent one, or once startup_grace
         # has passed (a replica that never comes up fails then).
         self.seen: set[str] = set()
+        self.unhealthy: dict[str, str] = {}
         self.started, self.startup_grace = now, startup_grace
         self.view = 1
         self.phase = IDLE
@@ -153,9 +154,13 @@ class Controller:
         if healthy:
             self.last_beat[replica] = now
             self.seen.add(replica)
+            self.unhealthy.pop(replica, None)
             return []
-        return self._suspect(replica, f"unhealthy: {why}" if why else "unhealthy", now,
-                             self.last_beat[replica])
+        # An unhealthy report does not refresh the replica's last sign of life: if it stays
+        # unhealthy, its silence timeout fails it, with this reason.
+        self.unhealthy[replica] = why or "unhealthy"
+        self.seen.add(replica)
+        return []
 
     def adopt(self, view: int, alive, now: float) -> list[Action]:
         """A replica reports a newer view than ours: we are a restarted controller. Take the
@@ -182,8 +187,9 @@ class Controller:
             if r not in self.seen and now - self.started < self.startup_grace:
                 continue
             if now - self.last_beat[r] > self.heartbeat_timeout:
-                out += self._suspect(r, f"no heartbeat for {now - self.last_beat[r]:.3f} s",
-                                     now, self.last_beat[r])
+                why = (f"unhealthy: {self.unhealthy[r]}" if r in self.unhealthy else
+                       f"no heartbeat for {now - self.last_beat[r]:.3f} s")
+                out += self._suspect(r, why, now, self.last_beat[r])
         if self.current is not None and self.phase != REROUTING:
             limit = {ACTIVATING: self.activation_timeout,
                      FREEZING: self.freeze_timeout}.get(self.phase, self.reprotect_timeout)

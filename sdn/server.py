@@ -197,6 +197,17 @@ class SdnServer:
             self.log.info(f"steering for view {a.view} applied in {took * 1000:.0f} ms")
         except PicoError as e:  # the old rules stay; the next view tries again
             self.log.error(f"steering for view {a.view} not applied: {e}")
+        # The reload blocked this thread; heartbeats that arrived meanwhile are taken now,
+        # before any silence is judged (else a slow reload looks like dead replicas).
+        self._take_events()
+
+    def _take_events(self) -> None:
+        while True:
+            try:
+                parts = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.sock.send_multipart(parts[:-1] + [self._on_event(parts[-1])])
 
     # ---------------------------------------------------------------- inputs
     def _on_event(self, frame: bytes) -> bytes:
@@ -307,13 +318,7 @@ class SdnServer:
             ready = dict(poller.poll(20))
             now = time.monotonic()
             if self.sock in ready:
-                while True:
-                    try:
-                        parts = self.sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    reply = self._on_event(parts[-1])
-                    self.sock.send_multipart(parts[:-1] + [reply])
+                self._take_events()
             self._collect(now)
             self._faucet_events(now)
             due = [a for t, a in self.deferred if t <= now]

@@ -67,9 +67,18 @@ def test_link_down_fails_at_once_and_unhealthy_heartbeats_too():
     acts = c.on_link("r2", False, 0.05)
     assert kinds(acts) == ["Failed", "Activate", "Activate"] and acts[0].reason == "link down"
     assert c.on_link("r2", False, 0.06) == []                # already failed: once only
-    c2 = ctl()
-    acts = c2.on_heartbeat("r3", 0.1, healthy=False, why="pmm heartbeat 0.8 s old")
+    c2 = ctl()                      # unhealthy: not refreshed, failed when it stays so
+    assert c2.on_heartbeat("r3", 0.1, healthy=False, why="pmm heartbeat 0.8 s old") == []
+    for t in (0.1, 0.2, 0.3):
+        c2.on_heartbeat("r1", t)
+        c2.on_heartbeat("r2", t)
+        c2.on_heartbeat("r3", t, healthy=False, why="pmm heartbeat 0.8 s old")
+    acts = c2.tick(0.35)
     assert kinds(acts)[0] == "Failed" and "pmm heartbeat" in acts[0].reason
+    c3 = ctl()                      # a single late beat of a loaded process is forgiven
+    c3.on_heartbeat("r3", 0.1, healthy=False, why="pmm heartbeat 0.31 s old")
+    c3.on_heartbeat("r3", 0.15)
+    assert c3.tick(0.3) == []
 
 
 def test_a_silent_survivor_does_not_block_the_failover_forever():
