@@ -233,8 +233,9 @@ class Cluster:
     def __init__(self, bed: SwitchedBed, tmp: Path, name: str, order: str = "activate-first",
                  hold_ms: int = 500, activate_delay_ms: int = 0, shm_prefix: str = "picot",
                  ha: bool = True, members: list[str] | None = None, frequency_hz: int = 200,
-                 groups: str = "", capacity: int = 4096):
+                 groups: str = "", capacity: int = 4096, middlebox: str = "tcptracker"):
         self.bed, self.tmp, self.shm_prefix = bed, tmp, shm_prefix
+        self.middlebox = middlebox  # tcptracker (examples/tcptracker.py) or mbserv
         self.path = tmp / f"{name}.yaml"
         self.path.write_text(cluster_yaml(bed, name, hold_ms, shm_prefix, ha, members,
                                           frequency_hz, groups, capacity))
@@ -297,8 +298,9 @@ class Cluster:
         rm = subprocess.Popen([py, "-m", "rm", *args], cwd=REPO, stderr=self._log(f"{r}-rm"))
         c = self.cfg.cluster
         pkts, flows = (f"/{c.shm_prefix}.{c.name}.{r}.pkts", f"/{c.shm_prefix}.{c.name}.{r}.flows")
-        mb = subprocess.Popen([py, str(REPO / "examples" / "tcptracker.py"), pkts, flows,
-                               "--reset"],
+        argv = ([py, "-m", "mbserv", pkts, flows, "--reset"] if self.middlebox == "mbserv"
+                else [py, str(REPO / "examples" / "tcptracker.py"), pkts, flows, "--reset"])
+        mb = subprocess.Popen(argv,
                               cwd=REPO, stdout=subprocess.PIPE, text=True,
                               stderr=self._log(f"{r}-mb"))
         self.procs[r] = [smm, pmm, rm, mb]

@@ -3,8 +3,8 @@
 10 TCP connections of steady request/response traffic cross replica r1 (the flows' client
 addresses are chosen in r1's steering buckets); a third of the way in, r1's processes are
 SIGKILLed and its link taken down; pico-sdn fails it over. The modes:
-  no-ha      no replication: the survivors have no state for r1's flows, the middlebox
-             (examples/tcptracker.py --reset) resets them;
+  no-ha      no replication: the survivors have no state for r1's flows, and the middlebox,
+             MBServ (mbserv/, with --reset), resets them;
   whole-box  one group holding every flow, checkpointed to r2 at 40 Hz (the way VM
              replication checkpoints a whole box): output waits up to 25 ms for each commit;
   pico       Elastic Pico Chords: r1's flows in one group per backup (r2 and r3) at 1000 Hz.
@@ -124,7 +124,7 @@ def run_mode(mode: str, base, tmp: Path, secs: float, capacity: int, index: int)
         cluster = Cluster(bed, tmp, f"{base.cluster.name[:8]}{mode[0]}{os.getpid() % 1000}",
                           shm_prefix=base.cluster.shm_prefix, ha=(mode == "pico"),
                           frequency_hz=1000, groups=WHOLE_BOX if mode == "whole-box" else "",
-                          capacity=capacity)
+                          capacity=capacity, middlebox="mbserv")
         cluster.wait_log("sdn", "controlling 3 replica(s)", timeout=60)
         for ip in client_ips(bed, 128)[16:]:  # the bed aliases 16 addresses; we use up to 128
             bed.run("c1", ["ip", "addr", "add", f"{ip}/24", "dev", "eth0"])
