@@ -75,6 +75,7 @@ def _run(tmp: Path, n_groups: int, freq: int, seconds: float, flows_per_group: i
                 flows.get_flow(k, create=True, group=g)
                 flows.put_flow(k)
         slots, stripes = flows.table.slots, flows.table.stripes
+        groups, index = store.seg.groups, store.seg.active_groups()
         sps = flows.table.g.slots_per_stripe
         live = np.flatnonzero(slots["status"] == 1)
         rng = np.random.default_rng(1)
@@ -95,6 +96,12 @@ def _run(tmp: Path, n_groups: int, freq: int, seconds: float, flows_per_group: i
             slots["version"][dirty] += 1
             blocks = np.unique(dirty // (sps // 16))   # as put_flow does (pico_abi.h)
             stripes["dirty"][blocks // 16, blocks % 16] = 1
+            # ...and as a middlebox reading the packets that made those changes (so the RM
+            # does not take the groups for idle: rm.server.RmServer._idle)
+            for g in np.unique(slots["group"][dirty]):
+                row = groups[index[int(g)]]
+                row["pkts_read"] = int(row["pkts_read"]) + 1
+                row["pkts_done"] = int(row["pkts_done"]) + 1
             rm.run_once()
             rm.wait()
         cpu = time.process_time() - cpu0

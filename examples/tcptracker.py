@@ -9,7 +9,7 @@ breaks connections (the paper's No-HA case). With --reset it also answers such a
 a TCP RST to its sender (IPv4), as a firewall rejecting INVALID packets with tcp-reset does:
 the connection is then reset, not merely stalled. State (little-endian u64s): packets, bytes,
 SYN seen, FIN/RST seen. Non-TCP packets pass unchanged. Prints "ready" once attached; on SIGTERM
-one JSON line of counts. (MBServ, the full reference middlebox, comes with the demo issue.)
+one JSON line of counts. (MBServ, mbserv/, is the full reference middlebox.)
 """
 from __future__ import annotations
 

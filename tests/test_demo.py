@@ -13,6 +13,7 @@ pytestmark = [pytest.mark.root,
                                  "Faucet; CI runs as root")]
 
 
+@pytest.mark.timeout(420)
 def test_quick_demo_no_ha_breaks_whole_box_and_pico_keep_and_pico_is_faster(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "sdn.demo", "--quick", "--out", str(out)],

@@ -62,7 +62,7 @@ def test_silence_past_the_timeout_is_a_failure_and_the_order_is_activate_reroute
     assert c.phase == "idle" and c.alive == {"r2", "r3"}
 
 
-def test_link_down_fails_at_once_and_unhealthy_heartbeats_too():
+def test_link_down_fails_at_once_and_lasting_unhealthiness_at_the_timeout():
     c = ctl()
     acts = c.on_link("r2", False, 0.05)
     assert kinds(acts) == ["Failed", "Activate", "Activate"] and acts[0].reason == "link down"
