@@ -205,10 +205,17 @@ def _validate(name: str, mm: mmap.mmap, kind: int, timeout: float, abi_major: in
         raise SegmentCorrupt(f"segment {name} is {len(mm)} bytes, smaller than its 128-byte "
                              "header: remove it (restart its owner) and retry")
     hdr = np.ndarray((), dtype=abi.SEG_HEADER, buffer=mm, offset=0)
-    if int(hdr["magic"]) != abi.MAGIC:
-        raise SegmentCorrupt(f"segment {name} has magic {int(hdr['magic']):#x}, not Pico's "
-                             f"{abi.MAGIC:#x}: it is not a Pico segment or it was overwritten")
     deadline = time.monotonic() + timeout
+    pause = 0.0005
+    # An all-zero header is a segment its owner has just created and not yet written (as
+    # libpico does, wait for it until the deadline); any other wrong magic is corruption.
+    while int(hdr["magic"]) != abi.MAGIC:
+        if int(hdr["magic"]) != 0 or int(hdr["ready"]) != 0 or time.monotonic() >= deadline:
+            raise SegmentCorrupt(f"segment {name} has magic {int(hdr['magic']):#x}, not "
+                                 f"Pico's {abi.MAGIC:#x}: it is not a Pico segment or it was "
+                                 "overwritten")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
     pause = 0.0005
     while int(hdr["ready"]) != abi.READY:
         if int(hdr["ready"]) == abi.CLOSED:

@@ -137,3 +137,15 @@ def test_process_alive_checks_start_time():
 def test_attach_flow_api_missing_segment():
     with pytest.raises(SegmentMissing):
         attach("/picot.nonexistent.flows", timeout=0.05)
+
+
+def test_a_segment_its_owner_has_not_written_yet_is_waited_for(name):
+    """Just created (all zeros): an attacher waits until the deadline, as libpico does,
+    instead of calling it corrupt at once (the race a starting middlebox used to lose)."""
+    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=8192)
+    os.close(shm.fd)
+    t0 = time.monotonic()
+    with pytest.raises(SegmentCorrupt, match="magic 0x0"):
+        attach_segment(name, abi.SEG_FLOWS, timeout=0.3)
+    assert time.monotonic() - t0 >= 0.3
+    # (the next attach after the owner wrote it succeeds: test_ready_segment_attaches)
