@@ -243,16 +243,23 @@ class Cluster:
         self.procs: dict[str, list[subprocess.Popen]] = {r: [] for r in REPLICAS}
         self.others: list[subprocess.Popen] = []
         self.logs: dict[str, Path] = {}
-        self._setup_network()
-        # Every SMM first, as the backups of the others: an RM whose backup has never
-        # answered gives its groups up after its retries (a replica should not start long
-        # before its backups; honcho starts each replica's own processes together).
-        self.smms = {r: self._start_smm(r) for r in REPLICAS}
-        for r in REPLICAS:
-            self._start_replica(r)
+        self.smms: dict[str, subprocess.Popen] = {}
         self.sdn_args = ["--order", order, "--activate-delay-ms", str(activate_delay_ms)]
         self.sdn_runs = 0
-        self.start_sdn()
+        try:
+            self._setup_network()
+            # Every SMM first, as the backups of the others: an RM whose backup has never
+            # answered gives its groups up after its retries (a replica should not start long
+            # before its backups; honcho starts each replica's own processes together).
+            for r in REPLICAS:
+                self.smms[r] = self._start_smm(r)
+                self.procs[r] = [self.smms[r]]
+            for r in REPLICAS:
+                self._start_replica(r)
+            self.start_sdn()
+        except BaseException:
+            self.stop()  # a half-started cluster leaves no process and no shared memory
+            raise
 
     def start_sdn(self) -> None:
         self.sdn_runs += 1
@@ -293,9 +300,11 @@ class Cluster:
     def _start_replica(self, r: str) -> None:
         args = ["--config", str(self.path), "--replica", r]
         py = sys.executable
-        smm = self.smms[r]
-        pmm = self.bed.exec(r, [py, "-m", "pmm", *args], cwd=REPO, stderr=self._log(f"{r}-pmm"))
-        rm = subprocess.Popen([py, "-m", "rm", *args], cwd=REPO, stderr=self._log(f"{r}-rm"))
+        procs = self.procs[r]  # (each one listed as it starts: stop() finds them all)
+        procs.append(self.bed.exec(r, [py, "-m", "pmm", *args], cwd=REPO,
+                                   stderr=self._log(f"{r}-pmm")))
+        procs.append(subprocess.Popen([py, "-m", "rm", *args], cwd=REPO,
+                                      stderr=self._log(f"{r}-rm")))
         c = self.cfg.cluster
         pkts, flows = (f"/{c.shm_prefix}.{c.name}.{r}.pkts", f"/{c.shm_prefix}.{c.name}.{r}.flows")
         argv = ([py, "-m", "mbserv", pkts, flows, "--reset"] if self.middlebox == "mbserv"
@@ -303,7 +312,7 @@ class Cluster:
         mb = subprocess.Popen(argv,
                               cwd=REPO, stdout=subprocess.PIPE, text=True,
                               stderr=self._log(f"{r}-mb"))
-        self.procs[r] = [smm, pmm, rm, mb]
+        procs.append(mb)
         Lines(mb.stdout).expect(lambda line: "ready" in line, timeout=30)
 
     def log_text(self, what: str) -> str:
