@@ -79,6 +79,19 @@ class Lines:
             if test(line):
                 return line
 
+    def drain(self, quiet: float) -> list[str]:
+        """Lines that arrive until the stream stays quiet for `quiet` seconds."""
+        out = []
+        while True:
+            try:
+                line = self.q.get(timeout=quiet)
+            except queue.Empty:
+                return out
+            if line is None:
+                return out
+            self.seen.append(line)
+            out.append(line)
+
 HOSTS = {"c1": 1, "s1": 2, "r1": 3, "r2": 4, "r3": 5}
 REPLICAS = ("r1", "r2", "r3")
 BUCKETS = 16

@@ -2,12 +2,11 @@
 and a reader that turns a child's output lines into awaitable events."""
 from __future__ import annotations
 
-import queue
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
+
+from sdn import clusterbed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,47 +68,7 @@ def py(code: str, *args) -> list[str]:
     return [sys.executable, "-c", code, *map(str, args)]
 
 
-class Lines:
-    """Collects a child's output lines on a thread, so tests can await them with deadlines."""
-
-    def __init__(self, stream):
-        self.q: queue.Queue = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream):
-        for line in stream:
-            self.q.put(line.rstrip("\n"))
-        self.q.put(None)
-
-    def expect(self, pred, timeout: float = 10.0) -> str:
-        """Wait for a line satisfying pred (a substring or a callable); AssertionError if none."""
-        test = pred if callable(pred) else (lambda line: pred in line)
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no line matching {pred!r} within {timeout} s; saw {self.seen[-20:]}"
-            try:
-                line = self.q.get(timeout=left)
-            except queue.Empty:
-                continue
-            assert line is not None, f"stream ended before {pred!r}; saw {self.seen[-20:]}"
-            self.seen.append(line)
-            if test(line):
-                return line
-
-    def drain(self, quiet: float) -> list[str]:
-        """Lines that arrive until the stream stays quiet for `quiet` seconds."""
-        out = []
-        while True:
-            try:
-                line = self.q.get(timeout=quiet)
-            except queue.Empty:
-                return out
-            if line is None:
-                return out
-            self.seen.append(line)
-            out.append(line)
+Lines = clusterbed.Lines  # one line collector for the tests, the bench and the demo
 
 
 def spawn(bed, role: str, argv: list[str], stderr=subprocess.PIPE) -> tuple[subprocess.Popen, Lines]:
