@@ -12,11 +12,11 @@ import subprocess
 
 import pytest
 
-from nettools import REPO, Lines, py, spawn
+from nettools import REPO, TCP_SINK, Lines, py, spawn
 from shared.api import attach_replica
 from shared.flowkey import make_key
 from shared.flowtable import ACTIVE
-from test_pmm_net import Replica
+from test_pmm_net import replica_bed
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates network "
@@ -50,25 +50,6 @@ while True:
 print(json.dumps({"sent": hashlib.sha256(data).hexdigest(), "got": reply.decode()}), flush=True)
 """
 
-# nettools.TCP_SINK, serving connections one at a time.
-TCP_SINK = r"""
-import hashlib, socket, sys
-port = int(sys.argv[1]); n = int(sys.argv[2])
-srv = socket.socket(socket.AF_INET6 if ":" in sys.argv[3] else socket.AF_INET)
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((sys.argv[3], port)); srv.listen(8)
-print("listening", flush=True)
-for _ in range(n):
-    c, _ = srv.accept()
-    h = hashlib.sha256()
-    while True:
-        d = c.recv(65536)
-        if not d:
-            break
-        h.update(d)
-    c.sendall(h.hexdigest().encode())
-    c.close()
-"""
 
 # An echo server, a thread per connection; prints what it receives.
 ECHO = r"""
@@ -120,22 +101,10 @@ except socket.timeout:
 @pytest.fixture
 def net(tmp_path, smm_factory, cbuild):
     from conftest import write_config
-    from sdn.testbed import LinearBed
     subprocess.run(["make", "-s", "-C", str(REPO / "examples")], check=True)
     assert TRACKER.exists()
-    cfg = write_config(tmp_path, extra=EXTRA)
-    # LinearBed indexes stop at 55 and all are taken; a bed lives in its own namespaces, so
-    # sharing test_pmm_net's range (run in turn, not at once) is harmless.
-    bed = LinearBed(f"ct{os.getpid() % 100}", index=os.getpid() % 40, nfqueue=1)
-    bed.up()
-    rep = None
-    try:
-        rep = Replica(bed, cfg, smm_factory, tmp_path)
-        yield bed, rep
-    finally:
-        if rep is not None:
-            rep.close()
-        bed.down()
+    with replica_bed("ct", write_config(tmp_path, extra=EXTRA), smm_factory, tmp_path) as got:
+        yield got
 
 
 def start_tracker(rep, *extra):

@@ -14,7 +14,7 @@ import pytest
 from nettools import REPO, TCP_SEND, TCP_SINK, Lines, py, spawn
 from shared.api import attach
 from shared.flowkey import make_key
-from test_pmm_net import Replica
+from test_pmm_net import replica_bed
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates network "
@@ -91,20 +91,11 @@ while True:
 @pytest.fixture
 def net(tmp_path, smm_factory):
     from conftest import write_config
-    from sdn.testbed import LinearBed
     cfg = write_config(tmp_path, extra=EXTRA)
     mb_cfg = tmp_path / "mbserv.yaml"
     mb_cfg.write_text(MBSERV_CONFIG)
-    bed = LinearBed(f"mb{os.getpid() % 100}", index=46, nfqueue=1)
-    bed.up()
-    rep = None
-    try:
-        rep = Replica(bed, cfg, smm_factory, tmp_path)
+    with replica_bed("mb", cfg, smm_factory, tmp_path, index=46) as (bed, rep):
         yield bed, rep, mb_cfg
-    finally:
-        if rep is not None:
-            rep.close()
-        bed.down()
 
 
 def start_mbserv(rep, mb_cfg, *extra):

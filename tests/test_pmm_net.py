@@ -1,5 +1,6 @@
 """The PMM on the real packet path: NFQUEUE in a replica namespace, real traffic from a client
 namespace to a server namespace, a pass-through middlebox in Python or C."""
+import contextlib
 import json
 import os
 import signal
@@ -75,13 +76,14 @@ class Replica:
             self.pmm.wait(10)
 
 
-@pytest.fixture
-def net(tmp_path, smm_factory, cbuild):
-    from conftest import write_config
+@contextlib.contextmanager
+def replica_bed(prefix: str, cfg, smm_factory, tmp_path, index: int | None = None):
+    """A LinearBed (its index by default this pid's in 0..39: the modules that share that range
+    run in turn, each bed in its own namespaces) with r1's SMM, PMM and middlebox slot around
+    it: yields (bed, Replica), and stops all of it after."""
     from sdn.testbed import LinearBed
-    subprocess.run(["make", "-s", "-C", str(REPO / "examples")], check=True)
-    cfg = write_config(tmp_path, extra=EXTRA)
-    bed = LinearBed(f"pm{os.getpid() % 100}", index=os.getpid() % 40, nfqueue=1)
+    bed = LinearBed(f"{prefix}{os.getpid() % 100}",
+                    index=os.getpid() % 40 if index is None else index, nfqueue=1)
     bed.up()
     rep = None
     try:
@@ -91,6 +93,14 @@ def net(tmp_path, smm_factory, cbuild):
         if rep is not None:
             rep.close()
         bed.down()
+
+
+@pytest.fixture
+def net(tmp_path, smm_factory, cbuild):
+    from conftest import write_config
+    subprocess.run(["make", "-s", "-C", str(REPO / "examples")], check=True)
+    with replica_bed("pm", write_config(tmp_path, extra=EXTRA), smm_factory, tmp_path) as got:
+        yield got
 
 
 def udp_sink(bed, port, ip=None):

@@ -14,7 +14,7 @@ from shared.api import attach
 from shared.control import ControlClient
 from shared.flowkey import make_key
 from shared.flowtable import STANDBY
-from test_pmm_net import Replica, udp_sink
+from test_pmm_net import replica_bed, udp_sink
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates network "
@@ -45,20 +45,9 @@ for i in range(int(first), int(first) + int(n)):
 @pytest.fixture
 def net(tmp_path, smm_factory):
     from conftest import write_config
-    from sdn.testbed import LinearBed
     cfg = write_config(tmp_path, replicas=3, extra=EXTRA)
-    # LinearBed indexes stop at 55 and every one is some test's already; a bed lives in its own
-    # namespaces, so sharing test_pmm_net's range (run in turn, not at once) is harmless.
-    bed = LinearBed(f"ps{os.getpid() % 100}", index=os.getpid() % 40, nfqueue=1)
-    bed.up()
-    rep = None
-    try:
-        rep = Replica(bed, cfg, smm_factory, tmp_path)
-        yield bed, rep
-    finally:
-        if rep is not None:
-            rep.close()
-        bed.down()
+    with replica_bed("ps", cfg, smm_factory, tmp_path) as got:
+        yield got
 
 
 def send(bed, sport, dport, tag, first, n):
