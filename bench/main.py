@@ -6,15 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from bench import report
 
 BENCHES = ["flowtable", "pmm", "checkpoint", "failover", "table3", "fig9", "fig10", "fig11"]
-PLANNED = {"table3": "evaluation",
-           "fig9": "evaluation", "fig10": "evaluation", "fig11": "evaluation"}
 
 
-def run_one(name: str, quick: bool) -> list[dict] | None:
+def run_one(name: str, quick: bool, out_dir: Path | None = None) -> list[dict] | None:
     if name == "flowtable":
         from bench.flowtable import run
         return run(quick)
@@ -27,9 +26,8 @@ def run_one(name: str, quick: bool) -> list[dict] | None:
     if name == "failover":
         from bench.failover import run
         return run(quick)
-    print(f"pico-bench {name}: not implemented yet (arrives with the {PLANNED[name]} issue)",
-          file=sys.stderr)
-    return None
+    from bench import evaluation  # table3, fig9, fig10, fig11 (writes <name>.png/.json)
+    return evaluation.run(name, quick, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     names = BENCHES if args.name == "all" else [args.name]
     results, missing = [], []
+    out_dir = Path(args.json).resolve().parent if args.json else Path.cwd()
     for name in names:
-        got = run_one(name, args.quick)
+        got = run_one(name, args.quick, out_dir)
         if got is None:
             missing.append(name)
         else:

@@ -203,7 +203,8 @@ def first_steering(bed: SwitchedBed, members=None) -> str:
 
 def cluster_yaml(bed: SwitchedBed, name: str, hold_ms: int = 500, shm_prefix: str = "picot",
                  ha: bool = True, members: list[str] | None = None, frequency_hz: int = 200,
-                 groups: str = "", capacity: int = 4096) -> str:
+                 groups: str = "", capacity: int = 4096, max_groups: int = 16,
+                 heartbeat_timeout_ms: int = 300) -> str:
     """ha: chords placement (a group per backup at frequency_hz); else streams placement with
     the given `groups` YAML (groups: and policies: sections; empty: no replication)."""
     reps = "\n".join(
@@ -216,7 +217,8 @@ cluster: {{name: {name}, shm_prefix: {shm_prefix}}}
 flow_table: {{capacity: {capacity}, state_size: 64, lock_stripes: 64}}
 control: {{request_timeout_ms: 300, heartbeat_interval_ms: 50,
           controller_endpoint: "tcp://127.0.0.1:{free_port()}"}}
-packets: {{ring_slots: 1024, pending_timeout_ms: 2000, standby_hold_ms: {hold_ms}}}
+packets: {{ring_slots: 1024, pending_timeout_ms: 2000, standby_hold_ms: {hold_ms},
+          max_groups: {max_groups}}}
 replicas:
 {reps}
 sdn:
@@ -225,7 +227,7 @@ sdn:
   buckets: {BUCKETS}
   client_subnet: {client_subnet(bed)}
   frequency_hz: {frequency_hz}
-  heartbeat_timeout_ms: 300
+  heartbeat_timeout_ms: {heartbeat_timeout_ms}
   members: {list(members or REPLICAS)}
   dp_id: {bed.dpid}
   hosts:
@@ -246,12 +248,16 @@ class Cluster:
     def __init__(self, bed: SwitchedBed, tmp: Path, name: str, order: str = "activate-first",
                  hold_ms: int = 500, activate_delay_ms: int = 0, shm_prefix: str = "picot",
                  ha: bool = True, members: list[str] | None = None, frequency_hz: int = 200,
-                 groups: str = "", capacity: int = 4096, middlebox: str = "tcptracker"):
+                 groups: str = "", capacity: int = 4096, middlebox: str = "tcptracker",
+                 audit: bool = False, max_groups: int = 16, heartbeat_timeout_ms: int = 300):
         self.bed, self.tmp, self.shm_prefix = bed, tmp, shm_prefix
+        # audit: each PMM writes its output-commit audit log to <tmp>/<r>-audit.jsonl
+        self.audit = {r: tmp / f"{r}-audit.jsonl" for r in REPLICAS} if audit else {}
         self.middlebox = middlebox  # tcptracker (examples/tcptracker.py) or mbserv
         self.path = tmp / f"{name}.yaml"
         self.path.write_text(cluster_yaml(bed, name, hold_ms, shm_prefix, ha, members,
-                                          frequency_hz, groups, capacity))
+                                          frequency_hz, groups, capacity, max_groups,
+                                          heartbeat_timeout_ms=heartbeat_timeout_ms))
         self.cfg = load_config(self.path)
         self.procs: dict[str, list[subprocess.Popen]] = {r: [] for r in REPLICAS}
         self.others: list[subprocess.Popen] = []
@@ -314,7 +320,8 @@ class Cluster:
         args = ["--config", str(self.path), "--replica", r]
         py = sys.executable
         procs = self.procs[r]  # (each one listed as it starts: stop() finds them all)
-        procs.append(self.bed.exec(r, [py, "-m", "pmm", *args], cwd=REPO,
+        audit = ["--audit", str(self.audit[r])] if r in self.audit else []
+        procs.append(self.bed.exec(r, [py, "-m", "pmm", *args, *audit], cwd=REPO,
                                    stderr=self._log(f"{r}-pmm")))
         procs.append(subprocess.Popen([py, "-m", "rm", *args], cwd=REPO,
                                       stderr=self._log(f"{r}-rm")))

@@ -106,3 +106,48 @@ def figure(panels: list[dict], path, width: int = 900, panel_h: int = 220) -> No
     text(img, 5, img.shape[0] - 10, "TIME (S) - LATENCY (MS) OF EACH CONNECTION - "
          "GREY LINE: R1 KILLED")
     write_png(path, img)
+
+
+def _line(img, x0: int, y0: int, x1: int, y1: int, color) -> None:
+    n = max(abs(x1 - x0), abs(y1 - y0), 1)
+    for i in range(n + 1):
+        img[y0 + (y1 - y0) * i // n, x0 + (x1 - x0) * i // n] = color
+
+
+def chart(panels: list[dict], path, width: int = 900, panel_h: int = 240) -> None:
+    """Line charts over categories, for the evaluation's figures. panels: [{"title", "x":
+    [labels], "y": "unit", "series": [{"name", "values": [number or None per label]}]}],
+    stacked; each panel has its own y scale (0..max) and a legend under its title."""
+    img = np.full((panel_h * len(panels) + 10, width, 3), 255, np.uint8)
+    for i, p in enumerate(panels):
+        top = 5 + i * panel_h
+        left, right, bottom = 60, width - 20, top + panel_h - 20
+        ok = lambda v: v is not None and v == v  # (None or NaN: no point)
+        vals = [v for s in p["series"] for v in s["values"] if ok(v)]
+        y_max = max(vals) * 1.15 if vals and max(vals) > 0 else 1.0
+        img[top + 24:bottom, left] = 0
+        img[bottom, left:right] = 0
+        for k in range(1, 5):
+            y = bottom - (bottom - top - 24) * k // 4
+            img[y, left + 1:right:3] = (200, 200, 200)
+            v = y_max * k / 4
+            text(img, 2, y - 3, f"{v:.0f}" if v >= 10 else f"{v:.1f}")
+        n = len(p["x"])
+        xs = [left + 20 + (right - left - 40) * j // max(1, n - 1) for j in range(n)]
+        for x, label in zip(xs, p["x"]):
+            img[bottom:bottom + 3, x] = 0
+            text(img, x - 3 * len(str(label)), bottom + 6, str(label))
+        text(img, left + 8, top + 2, f"{p['title']} ({p.get('y', '')})")
+        lx = left + 8
+        for j, s in enumerate(p["series"]):
+            color = COLORS[j % len(COLORS)]
+            img[top + 15:top + 19, lx:lx + 10] = color
+            text(img, lx + 13, top + 13, s["name"], color)
+            lx += 13 + 6 * len(s["name"]) + 14
+            pts = [(x, bottom - int((bottom - top - 24) * min(v, y_max) / y_max))
+                   for x, v in zip(xs, s["values"]) if ok(v)]
+            for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+                _line(img, x0, y0, x1, y1, color)
+            for x, y in pts:
+                img[max(top, y - 2):y + 3, x - 2:x + 3] = color
+    write_png(path, img)

@@ -1,0 +1,87 @@
+"""The evaluation's pure parts (bench/evaluation.py): the fig11 group layout classifies each
+flow into the group the figure says, the fig9 classes go to their groups, the statistics, and
+the charts are valid PNGs. The runs themselves are root-only (tests/test_evaluation_net.py)."""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+
+from bench import evaluation as ev
+from pmm.classify import Classifier
+from shared import abi
+from shared.config import parse_config
+
+BASE = """version: 1
+cluster: {name: evtest}
+packets: {max_groups: 80}
+replicas:
+  r1: {id: 1, smm_endpoint: "tcp://127.0.0.1:7111", rm_endpoint: "tcp://127.0.0.1:7211"}
+  r2: {id: 2, smm_endpoint: "tcp://127.0.0.1:7112", rm_endpoint: "tcp://127.0.0.1:7212"}
+  r3: {id: 3, smm_endpoint: "tcp://127.0.0.1:7113", rm_endpoint: "tcp://127.0.0.1:7213"}
+"""
+TCP = 6
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 32, 64])
+def test_fig11_layout_spreads_the_flows_evenly_over_n_groups(n):
+    cfg = parse_config(BASE + ev.groups_yaml(n))
+    assert len(cfg.groups) == n
+    assert all(g.frequency_hz == 1000 for g in cfg.groups.values())
+    c = Classifier(cfg)
+    got = [c.group_of(TCP, 0x0A000001, 0x0A000002, ev.SPORT_11 + k, 8000)
+           for k in range(ev.FLOWS_11)]
+    assert got == [1 + k * n // ev.FLOWS_11 for k in range(ev.FLOWS_11)]
+    # a flow outside the figure's ports is not protected
+    assert c.group_of(TCP, 1, 2, ev.SPORT_11 - 1, 8000) == abi.GROUP_DEFAULT
+
+
+def test_fig9_classes_go_to_their_groups_three_low_to_one_high():
+    cfg = parse_config(BASE + ev.STREAMS_9)
+    c = Classifier(cfg)
+    conns = ev._conns9(40, 20000)
+    assert sum(1 for x in conns if x["cls"] == "low") == 3 * sum(1 for x in conns
+                                                                   if x["cls"] == "high")
+    for x in conns:
+        g = c.group_of(TCP, 1, 2, x["sport"], x["dport"])
+        want = cfg.groups["high" if x["cls"] == "high" else "low"]
+        assert g == want.id
+    assert cfg.groups["high"].frequency_hz == 1000 and cfg.groups["low"].frequency_hz == 100
+
+
+def test_stats_percentiles_rates_and_classes():
+    recs = [{"cls": "a", "n": 100, "lat_ms": [float(i) for i in range(1, 101)], "bytes": 10**6,
+             "error": None},
+            {"cls": "b", "n": 1, "lat_ms": [1000.0], "bytes": 0, "error": "ConnectionError: x"}]
+    a = ev._stats(recs, 10.0, "a")
+    assert a["txn_per_s"] == 10.0 and a["errors"] == 0
+    assert a["p50_ms"] == pytest.approx(50.5) and a["p95_ms"] == pytest.approx(95.05)
+    assert a["mbit_per_s"] == pytest.approx(0.8)
+    both = ev._stats(recs, 10.0)
+    assert both["errors"] == 1 and both["transactions"] == 101
+    assert ev._stats([], 1.0)["p95_ms"] != ev._stats([], 1.0)["p95_ms"]  # NaN: no samples
+
+
+def test_cpu_shares_are_percent_of_one_core_and_replication_is_rm_plus_backup_smms():
+    run = {"window_s": 2.0, "cpu": {"r1-rm": 0.5, "r2-smm": 0.25, "r3-smm": 0.25, "r1-pmm": 1.0}}
+    c = ev._cpu(run)
+    assert c["pico_cpu_pct"] == pytest.approx(100.0)
+    assert c["replication_cpu_pct"] == pytest.approx(50.0)
+
+
+def test_chart_is_a_valid_png(tmp_path):
+    from sdn.plot import chart
+    p = tmp_path / "c.png"
+    chart([{"title": "t", "y": "ms", "x": [1, 2, 3],
+            "series": [{"name": "a", "values": [1.0, None, 3.0]},
+                       {"name": "b", "values": [float("nan"), 2.0, 2.5]}]}], p, width=300,
+          panel_h=120)
+    data = p.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    assert (w, h) == (300, 130)
+    n = struct.unpack(">I", data[33:37])[0]
+    raw = zlib.decompress(data[41:41 + n])
+    assert len(raw) == h * (1 + 3 * w)
+    assert len(set(raw)) > 3  # something was drawn
