@@ -12,6 +12,8 @@ from shared import abi
 from shared.api import sem_prefix
 from shared.errors import ConfigError
 from shared.packets import PacketSegment, doorbell_names, pkt_segment_name
+from shared.locks import create_sem
+from shared.security import shm_access
 from shared.segment import create_segment
 
 
@@ -28,7 +30,9 @@ class PacketStore:
                               f"{abi.SEM_PREFIX_LEN - 1} bytes: shorten the names",
                               file=str(config.path))
         lay = abi.pkt_layout(pk.max_groups, pk.ring_slots, pk.mtu)
-        seg = create_segment(self.name, abi.SEG_PACKETS, lay["segment_size"], self.replica.id)
+        access = shm_access(config)
+        seg = create_segment(self.name, abi.SEG_PACKETS, lay["segment_size"], self.replica.id,
+                             access)
         try:
             desc = seg.view(abi.PKT_DESC, abi.PKT_DESC_OFFSET)
             desc["max_groups"] = pk.max_groups
@@ -51,12 +55,8 @@ class PacketStore:
             del desc, groups
             self.bells = []
             for name in doorbell_names(self.sem_prefix):
-                try:
-                    posix_ipc.unlink_semaphore(name)  # a predecessor's, maybe mid-count
-                except posix_ipc.ExistentialError:
-                    pass
-                self.bells.append(posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600,
-                                                      initial_value=0))
+                # (a predecessor's, maybe mid-count, is removed first)
+                self.bells.append(create_sem(name, 0, access))
             self.in_bell, self.out_bell = self.bells
             self.seg = PacketSegment(seg)
         except BaseException:

@@ -28,6 +28,12 @@ def _bad(text: str) -> WireError:
     return WireError(wire.ERR_BAD_BODY, text)
 
 
+def _is_id(v) -> bool:
+    """A group id as JSON gives it: an integer, not a boolean (true == 1 in Python; fuzzing
+    found {"group": true} freezing, handing off or moving to group 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 class Admin:
     def __init__(self, server):
         self.s = server
@@ -241,8 +247,8 @@ class Admin:
         s = self.s
         if not isinstance(view, int) or isinstance(view, bool) or view < 1:
             raise _bad("'view' must be a positive integer")
-        if not isinstance(alive, list) or not all(isinstance(n, str) for n in alive):
-            raise _bad("'alive' must be a list of replica names")
+        if not isinstance(alive, list) or not alive or not all(isinstance(n, str) for n in alive):
+            raise _bad("'alive' must be a non-empty list of replica names")
         unknown = [n for n in alive if n not in s.config.replicas]
         if unknown:
             raise _bad(f"unknown replica(s) in the view: {unknown}")
@@ -346,7 +352,7 @@ class Admin:
         end: held (suspended, epochs go on), and answered once the epoch taken while held is
         acknowledged, so its backup holds exactly the state the outside world has seen."""
         s = self.s
-        if group is not None and (not isinstance(group, int) or group not in s.groups):
+        if group is not None and (not _is_id(group) or group not in s.groups):
             raise _bad(f"group {group} is not protected on replica {s.replica.name}: nothing "
                        "to freeze")
         groups = set(s.groups) if group is None else {group}
@@ -380,7 +386,7 @@ class Admin:
         this replica now leads (the view says so); the others stay standby copies."""
         from shared.control import ControlClient
         s = self.s
-        if not isinstance(group, int):
+        if not _is_id(group):
             raise _bad("'group' must be a group id")
         slots = s.flows.table.slots
         idx = np.flatnonzero((slots["group"] == group) &
@@ -390,7 +396,8 @@ class Admin:
         if not keys:
             return {"group": group, "activated": 0}
         with ControlClient(s.replica.smm_endpoint,
-                           timeout_ms=s.config.control.request_timeout_ms) as smm:
+                           timeout_ms=s.config.control.request_timeout_ms,
+                           curve=s.keyring.client(s.replica.name)) as smm:
             reply = smm.request(wire.ACTIVATE, wire.encode_activate(wire.SEL_KEYS, 0, keys))
         n = len(wire.decode_key_list(reply.body))
         s.log.info(f"group={group} taken over: {n} flow(s) activated here")
@@ -401,7 +408,7 @@ class Admin:
         rerouted: drop this replica's copies (their deletes reach the backup, which ignores
         them: it holds them active now), and let the group go on."""
         s = self.s
-        if not isinstance(group, int) or group not in s.seg.active_groups():
+        if not _is_id(group) or group not in s.seg.active_groups():
             raise _bad(f"no group {group} on replica {s.replica.name}")
         t = s.flows.table
         slots = t.slots
@@ -451,7 +458,7 @@ class Admin:
         if len(key) != KEY_SIZE:
             raise _bad(f"'key' must be a {KEY_SIZE}-byte flow key in hex (picoctl makes it from "
                        "'tcp 10.0.0.1:1234 10.0.0.2:80')")
-        if not isinstance(group, int) or (group and group not in s.seg.active_groups()):
+        if not _is_id(group) or (group and group not in s.seg.active_groups()):
             raise _bad(f"no group {group} on replica {s.replica.name}")
         t = s.flows.table
         idx, status = t.lookup(key)

@@ -11,20 +11,28 @@
       move FLOW G                    FLOW: 'tcp 10.0.0.1:1234 10.0.0.2:80' or a hex key
       scale-in R | scale-out R       (to pico-sdn, control.controller_endpoint) remove a
                                      replica from the ring, or add one: its flows move live
+      keygen DIR NAME... [--force]   write CurveZMQ key pairs DIR/NAME.key (public) and
+                                     DIR/NAME.key_secret (mode 0600); print the public keys
 
-Exit status: 0 done, 1 refused (the message says why), 2 usage, 3 the replica did not answer.
+With security.curve on, picoctl connects with the key pair `operator` of security.keys_dir
+(--key NAME, or --key PATH of a .key_secret file, for another one).
+
+Exit status: 0 done, 1 refused (the message says why; a refused key too), 2 usage, 3 the
+replica did not answer.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from shared import wire
 from shared.config import DEFAULT_CONFIG, load_config
 from shared.control import ControlClient
-from shared.errors import ControlTimeout, PicoError, WireError
+from shared.errors import AuthRefused, ControlTimeout, PicoError, WireError
 from shared.flowkey import KEY_SIZE, parse_key_spec
+from shared.security import OPERATOR, Keyring, generate
 
 COLUMNS = [("id", "group"), ("protected", "prot"), ("configured_hz", "cfg Hz"),
            ("achieved_hz", "got Hz"), ("commit_p50_ms", "p50 ms"), ("commit_p99_ms", "p99 ms"),
@@ -86,10 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--replica", help="replica name in the config (uses its rm_endpoint)")
     where.add_argument("--endpoint", help="the RM's endpoint, e.g. tcp://127.0.0.1:7201")
     ap.add_argument("--json", action="store_true", help="print the reply as JSON")
+    ap.add_argument("--key", help="with security.curve: the key pair to connect with, a name "
+                    "in security.keys_dir or the path of a .key_secret file (default: operator)")
     ap.add_argument("--timeout", type=int, default=5000,
                     help="milliseconds to wait (an operator change may wait up to 4 s for "
                     "its groups to go quiet)")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    kg = sub.add_parser("keygen", help="write CurveZMQ key pairs")
+    kg.add_argument("dir", help="the keys directory (security.keys_dir)")
+    kg.add_argument("names", nargs="+", metavar="NAME",
+                    help="replica names, controller, operator")
+    kg.add_argument("--force", action="store_true", help="replace existing key files")
     sub.add_parser("groups")
     sub.add_parser("stats")
     for name in ("suspend", "resume"):
@@ -111,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     mv.add_argument("flow", help="'tcp 10.0.0.1:1234 10.0.0.2:80' (quoted) or a hex key")
     mv.add_argument("group", type=int)
     args = ap.parse_args(argv)
+    if args.cmd == "keygen":
+        return keygen(args)
 
     try:
         endpoint = args.endpoint
@@ -136,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"picoctl: {e}", file=sys.stderr)
             return 2
-        with ControlClient(endpoint, timeout_ms=args.timeout) as c:
+        curve = _curve(load_config(args.config), endpoint, args)
+        with ControlClient(endpoint, timeout_ms=args.timeout, curve=curve) as c:
             reply = json.loads(c.request(type_, wire.json_body(body)).body)
+    except AuthRefused as e:
+        print(f"picoctl: {e}", file=sys.stderr)
+        return 1
     except ControlTimeout as e:
         print(f"picoctl: {e}", file=sys.stderr)
         return 3
@@ -153,6 +174,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(reply['flows'])} of {reply['total']} flow(s)")
     else:
         print(" ".join(f"{k}={v}" for k, v in reply.items()))
+    return 0
+
+
+def _curve(config, endpoint: str, args):
+    """The CURVE client settings for `endpoint` (None with security.curve off)."""
+    keys = Keyring(config, OPERATOR, key=args.key)
+    if not keys.enabled:
+        return None
+    server = keys.server_for_endpoint(endpoint)
+    if server is None:
+        raise PicoError(f"{endpoint} is not an endpoint of {config.path}, so its public key "
+                        "is unknown: use --replica NAME, or the config that lists it")
+    return keys.client(server)
+
+
+def keygen(args) -> int:
+    try:
+        made = generate(Path(args.dir), args.names, force=args.force)
+    except (PicoError, OSError) as e:
+        print(f"picoctl: {e}", file=sys.stderr)
+        return 1
+    for name, public in made:  # public keys only: the secrets stay in their files
+        print(f"{name} {public.decode()}")
     return 0
 
 

@@ -16,12 +16,13 @@ from shared.control import AsyncControl
 
 
 class ControllerEvents:
-    def __init__(self, endpoint: str | None, log, retry_s: float = 0.5, max_pending: int = 256):
+    def __init__(self, endpoint: str | None, log, retry_s: float = 0.5, max_pending: int = 256,
+                 curve=None):
         self.endpoint = endpoint
         self.log = log
         self.retry_s = retry_s
         self.max_pending = max_pending
-        self.client = AsyncControl(endpoint) if endpoint else None
+        self.client = AsyncControl(endpoint, curve=curve) if endpoint else None
         self.pending: OrderedDict[int, dict] = OrderedDict()  # event number -> event
         self.sent_at: dict[int, float] = {}
         self.by_seq: dict[int, int] = {}

@@ -88,6 +88,19 @@ class RmMetrics:
             fam.add_metric([r, gid, "0.5"], float(p50))
             fam.add_metric([r, gid, "0.99"], float(p99))
         yield fam
+        control = getattr(self.server, "control", None)  # the control endpoint's RmControl
+        if control is not None:
+            for name, doc, label, values in (
+                    ("pico_rm_requests", "Control requests served, by type", "type",
+                     dict(control.requests)),
+                    ("pico_rm_request_errors", "Rejected control requests, by error", "error",
+                     dict(control.errors))):
+                fam = CounterMetricFamily(name, doc, labels=["replica", label])
+                for key, n in values.items():
+                    fam.add_metric([r, key], n)
+                yield fam
+        from shared.auth import refused_metric
+        yield refused_metric(r, getattr(self.server, "gate", None))
 
     def close(self) -> None:
         """Stop the HTTP server before the segment is unmapped."""

@@ -27,6 +27,7 @@ from shared.api import attach_replica
 from shared.control import AsyncControl
 from shared import abi
 from shared.packets import attach_control, pkt_segment_name
+from shared.security import CONTROLLER, Keyring
 from shared.segment import process_alive
 
 from .capture import capture, mark_captured, open_transactions
@@ -42,6 +43,8 @@ class RmServer:
         self.log = pico_log.get_logger("rm", replica=replica)
         self.config = config
         self.replica = config.replica(replica)
+        self.keyring = Keyring(config, replica)  # the replica's key pair (security.curve)
+        self.gate = None  # the rm_endpoint's Gatekeeper, set by run()
         c = config.cluster
         # Started together with the SMM and the PMM (honcho): wait for their segments.
         self.flows = attach_replica(config, replica, timeout=30.0, name="pico-rm", wait=True)
@@ -62,7 +65,9 @@ class RmServer:
         self.held: set[int] = set()  # an operator change holds the group: epochs run, no resume
         self.unprotected_total = 0
         self.events = ControllerEvents(config.control.controller_endpoint, self.log,
-                                       retry_s=config.control.request_timeout_ms / 1000.0)
+                                       retry_s=config.control.request_timeout_ms / 1000.0,
+                                       curve=self.keyring.client(CONTROLLER)
+                                       if config.control.controller_endpoint else None)
         self._mb_seen = False
         self.beat_s = config.control.heartbeat_interval_ms / 1000.0
         self.next_beat = 0.0
@@ -83,7 +88,9 @@ class RmServer:
     # ---------------------------------------------------------------- protection
     def client(self, target: int) -> AsyncControl:
         if target not in self.clients:
-            self.clients[target] = AsyncControl(self.config.replica_by_id(target).smm_endpoint)
+            peer = self.config.replica_by_id(target)
+            self.clients[target] = AsyncControl(peer.smm_endpoint,
+                                                curve=self.keyring.client(peer.name))
         return self.clients[target]
 
     def forget(self, group: int) -> GroupEpochs | None:
@@ -355,17 +362,25 @@ class RmServer:
 
 def run(config, replica: str) -> int:
     import zmq
+    from shared.auth import gatekeeper
     from .control import RmControl
     server = RmServer(config, replica)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     control = RmControl(server, config.control.max_message_bytes)
+    server.control = control  # (its request and error counts are in the RM's metrics)
     ctx = zmq.Context()
     sock = None
     if server.replica.rm_endpoint:  # picoctl's peer
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        # As the SMM's: libzmq drops a peer whose message is over this (no reply); between
+        # max_message_bytes and it, the peer gets TOO_LARGE (docs/protocol.md 6).
+        sock.setsockopt(zmq.MAXMSGSIZE, config.control.max_message_bytes * 4 + 4096)
+        server.gate = gatekeeper(ctx, server.keyring, server.log)
+        if server.gate is not None:
+            server.gate.protect(sock, server.replica.rm_endpoint)
         sock.bind(server.replica.rm_endpoint)
     server.log.info(f"protecting {len(server.groups)} group(s): "
                     + ", ".join(f"{g}->r{server.targets[g]} at {ge.frequency_hz} Hz"
@@ -379,11 +394,13 @@ def run(config, replica: str) -> int:
                 envelope = [b""] if len(parts) > 2 and parts[1] == b"" else []
                 body = parts[1 + len(envelope):]
                 reply = (control.handle(body[0]) if len(body) == 1 else
-                         wire.error_reply(0, wire.ERR_BAD_ENVELOPE, "send one frame"))
+                         control.bad_envelope(len(body)))
                 sock.send_multipart([parts[0], *envelope, reply])
     finally:
         if sock is not None:
             sock.close(linger=0)
+        if server.gate is not None:
+            server.gate.close()
         ctx.term()
         server.close()
     return 0

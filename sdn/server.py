@@ -15,14 +15,17 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import zmq
 
 from shared import log as pico_log
 from shared import wire
+from shared.auth import gatekeeper
 from shared.control import AsyncControl
 from shared.errors import PicoError, WireError
+from shared.security import CONTROLLER, Keyring
 
 from .core import (Activate, Controller, Failed, FailoverDone, Freeze, Handoff, Reprotect,
                    Reroute, ORDER_ACTIVATE_FIRST)
@@ -100,18 +103,30 @@ class SdnServer:
                                              for r in config.replicas.values()}
                                if sdn.placement == "chords" else None)
         self.topo = topology(config)
+        keys = Keyring(config, CONTROLLER)  # security.curve: the controller's key pair
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # As the SMM's: libzmq drops a peer whose message is over this (no reply, no count);
+        # between max_message_bytes and it, the peer gets TOO_LARGE (docs/protocol.md 6).
+        self.sock.setsockopt(zmq.MAXMSGSIZE, config.control.max_message_bytes * 4 + 4096)
+        self.gate = gatekeeper(self.ctx, keys, self.log)
+        if self.gate is not None:
+            self.gate.protect(self.sock, config.control.controller_endpoint)
         self.sock.bind(config.control.controller_endpoint)
-        self.smm = {r.name: AsyncControl(r.smm_endpoint, self.ctx) for r in config.replicas.values()}
-        self.rm = {r.name: AsyncControl(r.rm_endpoint, self.ctx)
+        self.smm = {r.name: AsyncControl(r.smm_endpoint, self.ctx, curve=keys.client(r.name))
+                    for r in config.replicas.values()}
+        self.rm = {r.name: AsyncControl(r.rm_endpoint, self.ctx, curve=keys.client(r.name))
                    for r in config.replicas.values() if r.rm_endpoint}
         self.waiting: dict[tuple[str, str, int], tuple] = {}  # (kind, replica, seq) -> action
         self.driver = self.events = None
         self.failovers: list[FailoverDone] = []
         self.unprotected: list[dict] = []
         self.reroutes = 0
+        # Requests served by type name, and refused ones by error name (bad input is counted
+        # and logged, and the controller goes on).
+        self.requests: Counter = Counter()
+        self.errors: Counter = Counter()
         # A (re)started controller first listens for one heartbeat timeout: replicas report
         # the view they act on, and a restarted controller adopts it instead of steering
         # the configured membership over a cluster that has moved on.
@@ -207,25 +222,57 @@ class SdnServer:
                 parts = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.sock.send_multipart(parts[:-1] + [self._on_event(parts[-1])])
+            # The SMM's envelope rule (docs/protocol.md 4): [identity, b"" (a REQ-style
+            # delimiter, echoed), exactly one frame].
+            ident, rest = parts[0], parts[1:]
+            envelope = [b""] if len(rest) > 1 and rest[0] == b"" else []
+            body = rest[len(envelope):]
+            if len(body) != 1:
+                reply = self._refuse(0, wire.ERR_BAD_ENVELOPE, f"expected one message frame "
+                                     f"after the envelope, got {len(body)}: send a single frame")
+            else:
+                reply = self._on_event(body[0])
+            self.sock.send_multipart([ident, *envelope, reply])
+
+    def _refuse(self, seq: int, code: int, text: str) -> bytes:
+        name = wire.ERROR_NAMES.get(code, str(code))
+        self.errors[name] += 1
+        self.log.warning(f"rejected request seq={seq}: {name}: {text}")
+        return wire.error_reply(seq, code, text)
 
     # ---------------------------------------------------------------- inputs
     def _on_event(self, frame: bytes) -> bytes:
+        """One request in, its reply out; never raises (bad input: an error reply, counted)."""
         try:
-            msg = wire.decode(frame, self.config.control.max_message_bytes)
-            if msg.type not in (wire.EVENT, wire.SCALE):
-                raise WireError(wire.ERR_UNKNOWN_TYPE, f"pico-sdn takes EVENT (24) and SCALE "
-                                f"(28) on this endpoint, not type {msg.type}")
-            ev = wire.parse_json_body(msg.body)
-            if msg.type == wire.SCALE:
-                return wire.encode(wire.SCALE | wire.REPLY_BIT, msg.seq,
-                                   wire.json_body(self._scale(ev)))
+            return self._handle(frame)
         except WireError as e:
-            return wire.error_reply(wire.peek_seq(frame), e.code, str(e))
+            return self._refuse(wire.peek_seq(frame), e.code, str(e))
+        except Exception as e:  # a bug must not take the controller down
+            self.log.exception("internal error handling a request")
+            return self._refuse(wire.peek_seq(frame), wire.ERR_INTERNAL,
+                                f"internal error: {type(e).__name__}: {e}")
+
+    def _handle(self, frame: bytes) -> bytes:
+        msg = wire.decode(frame, self.config.control.max_message_bytes)
+        if msg.type not in (wire.EVENT, wire.SCALE):
+            raise WireError(wire.ERR_UNKNOWN_TYPE, f"pico-sdn takes EVENT (24) and SCALE "
+                            f"(28) on this endpoint, not type {msg.type}")
+        ev = wire.parse_json_body(msg.body)
+        self.requests[wire.TYPE_NAMES[msg.type]] += 1
+        if msg.type == wire.SCALE:
+            return wire.encode(wire.SCALE | wire.REPLY_BIT, msg.seq,
+                               wire.json_body(self._scale(ev)))
         now = time.monotonic()
         kind, replica = ev.get("event"), ev.get("replica")
+        # (fuzzing: a list as "replica" made `replica in self.ids` raise and end pico-sdn)
+        if not isinstance(kind, (str, type(None))) or not isinstance(replica, (str, type(None))):
+            raise WireError(wire.ERR_BAD_BODY, "event: \"event\" and \"replica\" must be "
+                            f"strings, got {type(kind).__name__} and {type(replica).__name__}")
         if kind == "heartbeat" and replica in self.ids:
             view, alive = ev.get("view"), ev.get("alive")
+            if isinstance(alive, list) and not all(isinstance(a, str) for a in alive):
+                raise WireError(wire.ERR_BAD_BODY, "heartbeat: \"alive\" must be a list of "
+                                f"replica names, got {alive!r:.100}")
             if isinstance(view, int) and view > self.core.view and isinstance(alive, list):
                 self.log.info(f"adopting view {view} (alive {alive}) reported by {replica}")
                 self.apply(self.core.adopt(view, alive, now), now)
@@ -241,7 +288,7 @@ class SdnServer:
 
     def _scale(self, req: dict) -> dict:
         op, replica = req.get("op"), req.get("replica")
-        if op not in ("in", "out") or replica not in self.ids:
+        if op not in ("in", "out") or not isinstance(replica, str) or replica not in self.ids:
             raise WireError(wire.ERR_BAD_BODY, "scale: {\"op\": \"in\"|\"out\", "
                             f"\"replica\": one of {sorted(self.ids)}}}")
         now = time.monotonic()
@@ -337,6 +384,8 @@ class SdnServer:
         if self.events is not None:
             self.events.close()
         self.sock.close(linger=0)
+        if self.gate is not None:
+            self.gate.close()
 
 
 def run(config, order: str = ORDER_ACTIVATE_FIRST, activate_delay: float = 0.0) -> int:

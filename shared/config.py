@@ -159,6 +159,24 @@ class PolicyRule:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SecurityConfig:
+    """CurveZMQ on every control endpoint, and the shared-memory objects' permissions
+    (shared/security.py). Only paths and public keys: no secret is ever part of a config."""
+    curve: bool = False
+    keys_dir: str | None = None
+    authorized_keys: list | None = None
+    shm_mode: int | None = None
+    shm_group: str | None = None
+
+    @property
+    def file_mode(self) -> int:
+        """Segments' and semaphores' mode: shm_mode, else 0660 with a shm_group, else 0600."""
+        if self.shm_mode is not None:
+            return self.shm_mode
+        return 0o660 if self.shm_group else 0o600
+
+
+@dataclass(frozen=True, kw_only=True)
 class ClusterConfig:
     path: str
     version: int
@@ -170,6 +188,7 @@ class ClusterConfig:
     groups: dict[str, GroupConfig]
     policies: list[PolicyRule]
     sdn: SdnConfig | None = None
+    security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
 
     def replica(self, name: str) -> ReplicaConfig:
         try:
@@ -387,6 +406,42 @@ SDN = Section({
     "faucet": Field(FAUCET, {}),
 }, SdnConfig)
 
+def shm_mode(v: int | None) -> str | None:
+    """Owner read-write, perhaps group read-write, never others nor execute bits."""
+    if v is None:
+        return None
+    if not 0 <= v <= 0o777 or v & 0o600 != 0o600 or v & 0o117:
+        return (f"{v} ({v:#o}) is not an allowed mode: use 0600 (owner only), 0640 or 0660 "
+                "(with shm_group), written in octal with a leading 0; other users never get "
+                "access, and nothing is executable")
+    return None
+
+
+def key_list(v: list | None) -> str | None:
+    if v is None:
+        return None
+    from shared.security import KEY_NAME, is_z85_key
+    for item in v:
+        if not isinstance(item, str) or not (is_z85_key(item) or KEY_NAME.fullmatch(item)):
+            return (f"entry {item!r} is neither a key name (a file <name>.key in keys_dir) nor "
+                    "a 40-character Z85 public key")
+    return None
+
+
+SECURITY = Section({
+    "curve": Field(bool, False, doc="CurveZMQ (authentication, encryption) on every control "
+                   "endpoint"),
+    "keys_dir": Field(_OPT_STR, None, doc="directory of <name>.key and <name>.key_secret files "
+                      "(picoctl keygen), relative to this file"),
+    "authorized_keys": Field((list, type(None)), None, key_list,
+                             "clients the servers accept: key names or Z85 public keys "
+                             "(default: every <name>.key in keys_dir)"),
+    "shm_mode": Field(_OPT_INT, None, shm_mode, "mode of segments and semaphores (default "
+                      "0600, or 0660 with shm_group)"),
+    "shm_group": Field(_OPT_STR, None, matches(r"[a-z_][a-z0-9_-]{0,31}", "group name"),
+                       "group that owns segments and semaphores (the middlebox's)"),
+}, SecurityConfig)
+
 POLICY = Section({
     "group": Field(str, doc="group name (or 'default') that matching new flows join"),
     "proto": Field((str, int, type(None)), None, protocol, "tcp, udp, icmp, icmp6 or a number"),
@@ -407,6 +462,7 @@ TOP = Section({
     "groups": Field(MapOf(GROUP, r"[a-z][a-z0-9-]{0,23}"), {}),
     "policies": Field(ListOf(POLICY), []),
     "sdn": Field((SDN, type(None)), None),
+    "security": Field(SECURITY, {}),
 }, ClusterConfig, injected=("path",))
 
 
@@ -414,7 +470,7 @@ def _assert_schema_matches_dataclasses() -> None:
     # The schema and the dataclasses are written separately for readability;
     # fail at import if someone adds a key to one but not the other.
     for section in (CLUSTER, FLOW_TABLE, CONTROL, PACKETS, POLICY, REPLICA, GROUP, TOP, SDN,
-                    SDN_HOST, FAUCET):
+                    SDN_HOST, FAUCET, SECURITY):
         attrs = {f.name for f in dataclasses.fields(section.cls)} - set(section.injected)
         assert attrs == set(section.fields), (section.cls.__name__, attrs ^ set(section.fields))
 
@@ -465,7 +521,11 @@ _LineLoader.add_constructor("tag:yaml.org,2002:map", _LineLoader.construct_yaml_
 
 def _load_yaml(text: str, path: str) -> tuple[Any, int]:
     """Parse ``text``; return (data, line of the document start)."""
-    loader = _LineLoader(text)
+    try:
+        loader = _LineLoader(text)  # its reader refuses control characters (a YAMLError) here
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not YAML text: {e}; fix the file (is it a binary file?)",
+                          path) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -644,6 +704,10 @@ def _check_references(cfg: ClusterConfig, raw: Any) -> None:
                           cfg.path, _line_at(raw, "groups"), "groups")
     if cfg.sdn is not None:
         _check_sdn(cfg, raw)
+    if cfg.security.curve and not cfg.security.keys_dir:
+        raise ConfigError("security.curve needs security.keys_dir: the directory of the key "
+                          "files (create them with picoctl keygen DIR NAME...)", cfg.path,
+                          _line_at(raw, "security.curve"), "security.keys_dir")
     for g in cfg.groups.values():
         if g.target is not None and g.target not in cfg.replicas:
             key = f"groups.{g.name}.target"

@@ -14,7 +14,10 @@
     │   ├── FlowLockTimeout       a stripe lock was not acquired in time (dead or hung holder)
     │   └── NoTransaction         put_flow without a get_flow open on that key in this thread
     ├── WireError                 a control message could not be decoded (reason code + text)
-    └── ControlTimeout            a control request got no reply in time
+    ├── ControlTimeout            a control request got no reply in time
+    │   └── AuthRefused           ...because the server refused our CURVE handshake
+    └── SecurityError             a key file is missing, unreadable or too open; a
+                                  shared-memory object cannot be given its mode or group
 
 Library errors (posix_ipc.ExistentialError, posix_ipc.BusyError, zmq.Again) are mapped to these
 at the boundary, so callers catch one family.
@@ -88,6 +91,16 @@ class WireError(PicoError):
 
 class ControlTimeout(PicoError):
     pass
+
+
+class AuthRefused(ControlTimeout):
+    """The server refused the CURVE handshake (unknown client key, wrong server key, or one
+    side without CURVE). A ControlTimeout too: the request got no reply, and callers that
+    retry on timeouts keep working."""
+
+
+class SecurityError(PicoError):
+    """Keys or permissions: what is wrong with which file, and the command that fixes it."""
 
 
 class NoTransaction(FlowTableError):

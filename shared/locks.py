@@ -50,7 +50,7 @@ class StripeLocks:
     """The named semaphores of one flow table, opened (or created by the SMM)."""
 
     def __init__(self, prefix: str, n_stripes: int, buf: memoryview, stripes_offset: int,
-                 timeout_s: float, create: bool = False):
+                 timeout_s: float, create: bool = False, access=None):
         self.prefix = prefix
         self.n_stripes = n_stripes
         self.timeout_s = timeout_s
@@ -58,8 +58,8 @@ class StripeLocks:
         self._sems: list[posix_ipc.Semaphore] = []
         try:
             for k in range(n_stripes):
-                self._sems.append(_open_sem(sem_name(prefix, k), create))
-            self.registry = _open_sem(registry_sem_name(prefix), create)
+                self._sems.append(_open_sem(sem_name(prefix, k), create, access))
+            self.registry = _open_sem(registry_sem_name(prefix), create, access)
         except BaseException:
             self.close()
             raise
@@ -129,10 +129,24 @@ class ThreadStripeLocks:
         pass
 
 
-def _open_sem(name: str, create: bool) -> posix_ipc.Semaphore:
-    if create:
-        _unlink_quiet(name)  # a crashed predecessor's semaphore may be stuck at 0
-        return posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600, initial_value=1)
+def create_sem(name: str, initial_value: int, access=None) -> posix_ipc.Semaphore:
+    """A fresh named semaphore (a predecessor's is removed first: it may be stuck), with
+    exactly the mode and group of `access` (a shared.security.ShmAccess; default 0600)."""
+    from .security import ShmAccess
+    _unlink_quiet(name)
+    sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600, initial_value=initial_value)
+    try:
+        (access or ShmAccess()).apply_sem(name)
+    except BaseException:
+        sem.close()
+        _unlink_quiet(name)
+        raise
+    return sem
+
+
+def _open_sem(name: str, create: bool, access=None) -> posix_ipc.Semaphore:
+    if create:  # (a crashed predecessor's semaphore may be stuck at 0: create_sem removes it)
+        return create_sem(name, 1, access)
     try:
         return posix_ipc.Semaphore(name)
     except posix_ipc.ExistentialError:

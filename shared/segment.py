@@ -15,6 +15,9 @@ import posix_ipc
 
 from . import abi
 from .errors import AbiMismatch, SegmentCorrupt, SegmentMissing, SegmentNotReady, StaleOwner
+from .security import ShmAccess
+
+_OWNER_ONLY = ShmAccess()
 
 _STAT_START_TIME_FIELD = 22
 
@@ -94,16 +97,26 @@ class Segment:
             pass
 
 
-def _map(name: str, size: int = 0, create: bool = False) -> mmap.mmap:
+def _map(name: str, size: int = 0, create: bool = False, access=None) -> mmap.mmap:
     flags = posix_ipc.O_CREX if create else 0
     shm = posix_ipc.SharedMemory(name, flags, mode=0o600, size=size)
     try:
+        if create:
+            # Exactly the configured mode, whatever the umask (shared.security.ShmAccess).
+            (access or _OWNER_ONLY).apply_fd(shm.fd, name)
         if not create and shm.size == 0:
             raise SegmentCorrupt(f"segment {name} is empty (0 bytes): its creator died while "
                                  "building it; restart the owner to recreate it")
         return mmap.mmap(shm.fd, shm.size)
     finally:
         shm.close_fd()
+
+
+def _unlink_quiet(name: str) -> None:
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        pass
 
 
 def read_owner(name: str) -> tuple[int, int, int] | None:
@@ -122,8 +135,9 @@ def read_owner(name: str) -> tuple[int, int, int] | None:
         mm.close()
 
 
-def create_segment(name: str, kind: int, size: int, replica_id: int) -> Segment:
-    """Create a fresh segment (not yet ready); clean up one a dead predecessor left.
+def create_segment(name: str, kind: int, size: int, replica_id: int, access=None) -> Segment:
+    """Create a fresh segment (not yet ready); clean up one a dead predecessor left. `access`
+    (a shared.security.ShmAccess) sets its mode and group: by default 0600, owner only.
 
     Raises PicoError-family StaleOwner-free errors: if a live process owns the name, we refuse.
     """
@@ -137,7 +151,11 @@ def create_segment(name: str, kind: int, size: int, replica_id: int) -> Segment:
         posix_ipc.unlink_shared_memory(name)  # a crashed predecessor's leftover
     except posix_ipc.ExistentialError:
         pass
-    mm = _map(name, size, create=True)
+    try:
+        mm = _map(name, size, create=True, access=access)
+    except BaseException:
+        _unlink_quiet(name)  # e.g. the group could not be set: leave nothing half-made
+        raise
     seg = Segment(name, mm, owner=True)
     h = seg.header
     h["magic"] = abi.MAGIC

@@ -11,7 +11,9 @@ import time
 import zmq
 
 from shared import log as pico_log
+from shared.auth import gatekeeper, refused_metric
 from shared.errors import PicoError
+from shared.security import Keyring
 from smm.service import SmmService
 from smm.store import FlowStore
 from smm.watchdog import Watchdog
@@ -20,6 +22,7 @@ from smm.watchdog import Watchdog
 class SmmServer:
     def __init__(self, config, replica: str, metrics: bool = True):
         self.log = pico_log.get_logger("smm", replica=replica)
+        keyring = Keyring(config, replica)  # before the segment: a missing key fails cleanly
         self.store = FlowStore(config, replica)
         ctl = config.control
         self.service = SmmService(self.store, self.log, ctl.max_message_bytes)
@@ -32,6 +35,9 @@ class SmmServer:
         # below this one, the peer gets a TOO_LARGE error reply instead.
         self.sock.setsockopt(zmq.MAXMSGSIZE, ctl.max_message_bytes * 4 + 4096)
         self.endpoint = self.store.replica.smm_endpoint
+        self.gate = gatekeeper(self.ctx, keyring, self.log)
+        if self.gate is not None:
+            self.gate.protect(self.sock, self.endpoint)
         self.sock.bind(self.endpoint)
         self._stop = False
         self.watchdog_errors = 0
@@ -39,7 +45,7 @@ class SmmServer:
         self.metrics = _Metrics(replica, self.store.replica.metrics_port, self) if metrics else None
         self.log.info(f"flow segment {self.store.name} ready: {self.store.geometry.n_slots} "
                       f"slots, {self.store.geometry.n_stripes} stripes; control on "
-                      f"{self.endpoint}")
+                      f"{self.endpoint}" + (" (CURVE)" if self.gate else ""))
 
     def stop(self, *_):
         self._stop = True
@@ -71,6 +77,8 @@ class SmmServer:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        if self.gate is not None:
+            self.gate.close()
         self.ctx.term()
         self.store.close(unlink=True)
         self.log.info("stopped; segment and lock stripes removed")
@@ -114,6 +122,7 @@ class _Metrics:
                                    labels=["replica"])
         errs.add_metric([r], self.server.watchdog_errors)
         yield errs
+        yield refused_metric(r, self.server.gate)
 
 
 def run(config, replica: str) -> int:

@@ -13,6 +13,7 @@ from shared.api import flow_segment_name, sem_prefix
 from shared.errors import ConfigError
 from shared.flowtable import FlowTable, Geometry, write_desc
 from shared.locks import StripeLocks
+from shared.security import shm_access
 from shared.segment import Segment, create_segment
 
 
@@ -30,8 +31,10 @@ class FlowStore:
                               f"{abi.SEM_PREFIX_LEN - 1} bytes: shorten cluster.name, "
                               "cluster.shm_prefix or the replica name", file=str(config.path))
         self.geometry = Geometry.plan(ft.capacity, ft.state_size, ft.lock_stripes)
+        access = shm_access(config)
         self.segment: Segment = create_segment(self.name, abi.SEG_FLOWS,
-                                               self.geometry.segment_size, self.replica.id)
+                                               self.geometry.segment_size, self.replica.id,
+                                               access)
         try:
             desc = self.segment.view(abi.FLOW_DESC, abi.FLOW_DESC_OFFSET)
             write_desc(desc, self.geometry, self.sem_prefix, ft.lock_timeout_ms)
@@ -41,7 +44,7 @@ class FlowStore:
                                              abi.MAX_CLIENTS)
             self.locks = StripeLocks(self.sem_prefix, self.geometry.n_stripes, self.segment.buf,
                                      self.geometry.stripes_offset, ft.lock_timeout_ms / 1000.0,
-                                     create=True)
+                                     create=True, access=access)
             self.table = FlowTable(self.segment.buf, self.geometry, self.locks, self.replica.id)
         except BaseException:
             self.segment.unlink()
