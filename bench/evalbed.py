@@ -157,7 +157,10 @@ class EvalBed:
         try:
             self.cluster = Cluster(self.bed, tmp, name, shm_prefix="picoe", ha=ha,
                                    frequency_hz=frequency_hz, groups=groups, capacity=capacity,
-                                   middlebox="mbserv", max_groups=80)
+                                   middlebox="mbserv", max_groups=80,
+                                   # no failover is measured here: a 2-core machine under
+                                   # full load may delay a heartbeat past the usual 300 ms
+                                   heartbeat_timeout_ms=3000)
             self.cluster.wait_log("sdn", "controlling 3 replica(s)", timeout=60)
             self.sources = self._r1_sources()
             for ip in self.sources:
@@ -235,7 +238,20 @@ class EvalBed:
                 cl.wait(5)
         cpu = {role: c1[pid] - c0[pid] for role, pid in roles.items()
                if pid in c0 and pid in c1}
-        return {"records": records, "cpu": cpu, "window_s": t_b - t_a}
+        return {"records": records, "cpu": cpu, "window_s": t_b - t_a,
+                "failovers": self.failovers(), "unprotected": self.unprotected()}
+
+    def failovers(self) -> int:
+        """Replicas pico-sdn has declared failed so far (a run with one is not a measurement
+        of the configuration asked for: its traffic moved)."""
+        return self.cluster.log_text("sdn").count(" failed (")
+
+    def unprotected(self) -> list[int]:
+        """r1's checkpointed groups that carried traffic and are not protected now (a backup
+        that stopped answering unprotects its groups: their output no longer waits)."""
+        groups = self.picoctl("r1", "groups").get("groups", [])
+        return [g["id"] for g in groups if g["id"] != 0 and g.get("configured_hz")
+                and g.get("rx_packets") and not g.get("protected")]
 
     def stop(self) -> None:
         if self.srv is not None and self.srv.poll() is None:

@@ -62,6 +62,19 @@ def _cpu(run: dict) -> dict:
             "by_role_pct": {k: round(100 * v / w, 1) for k, v in sorted(cpu.items())}}
 
 
+def _valid(got: dict, what: str) -> dict:
+    """A run is a measurement of its configuration only if nothing failed over and every
+    protected group stayed protected; otherwise it is reported, flagged, never hidden."""
+    bad = []
+    if got["failovers"]:
+        bad.append(f"{got['failovers']} failover(s) by pico-sdn")
+    if got["unprotected"]:
+        bad.append(f"group(s) {got['unprotected']} lost protection")
+    if bad:
+        _say(f"WARNING: {what}: {'; '.join(bad)}: this run does not measure its configuration")
+    return {"valid": not bad, "invalid_because": "; ".join(bad)}
+
+
 def _say(msg: str) -> None:
     print(f"pico-bench: {msg}", file=sys.stderr, flush=True)
 
@@ -100,6 +113,7 @@ def table3(quick: bool, plot: Path | None) -> tuple[list[dict], dict]:
                                   HTTP_REQ, RESP)
                     s = _stats(got["records"], got["window_s"])
                     s.update(_cpu(got))
+                    s.update(_valid(got, f"table3 {mode} run {i + 1}"))
                     per_run.append(s)
                     _say(f"table3 {mode} run {i + 1}/{runs}: {s['txn_per_s']:.0f} txn/s, "
                          f"p95 {s['p95_ms']:.1f} ms, errors {s['errors']}")
@@ -176,6 +190,7 @@ def fig9(quick: bool, plot: Path | None) -> tuple[list[dict], dict]:
                                   {"fixed": REQ_9}, 256)
                     row = {c: _stats(got["records"], got["window_s"], c) for c in ("high", "low")}
                     row.update(_cpu(got))
+                    row.update(_valid(got, f"fig9 {mode} {n} flows"))
                     raw.setdefault(mode, {})[n] = row
                     _say(f"fig9 {mode} {n} flows: high p95 {row['high']['p95_ms']:.1f} ms, "
                          f"low p95 {row['low']['p95_ms']:.1f} ms, cpu "
@@ -239,6 +254,8 @@ def fig10(quick: bool, plot: Path | None) -> tuple[list[dict], dict]:
                     got = bed.run(conns, secs, warmup, SEED, {"fixed": 1024}, 256)
                     row = _stats(got["records"], got["window_s"])
                     row.update(_cpu(got))
+                    row.update(_valid(got, f"fig10 {f} Hz {load} txn/s") if f else
+                               {"valid": not got["failovers"]})
                     if f:
                         g = [g for g in bed.picoctl("r1", "groups").get("groups", [])
                              if g.get("id") == 1]
@@ -306,6 +323,7 @@ def fig11(quick: bool, plot: Path | None) -> tuple[list[dict], dict]:
                 got = bed.run(conns, secs, warmup, SEED, {"fixed": REQ_11}, 256)
                 row = _stats(got["records"], got["window_s"])
                 row.update(_cpu(got))
+                row.update(_valid(got, f"fig11 {n} groups"))
                 if n:
                     gs = bed.picoctl("r1", "groups").get("groups", [])
                     hz = [g.get("achieved_hz") or 0 for g in gs if 1 <= g.get("id", 0) <= n]
@@ -348,6 +366,14 @@ def fig11(quick: bool, plot: Path | None) -> tuple[list[dict], dict]:
                   "results": {str(n): v for n, v in raw.items()}}
 
 
+def _count_invalid(doc) -> int:
+    if isinstance(doc, dict):
+        return (doc.get("valid") is False) + sum(_count_invalid(v) for v in doc.values())
+    if isinstance(doc, list):
+        return sum(_count_invalid(v) for v in doc)
+    return 0
+
+
 FIGURES = {"table3": table3, "fig9": fig9, "fig10": fig10, "fig11": fig11}
 
 
@@ -358,6 +384,9 @@ def run(name: str, quick: bool, out_dir: Path | None) -> list[dict]:
         return []
     plot = (out_dir / f"{name}.png") if out_dir else None
     rows, raw = FIGURES[name](quick, plot)
+    invalid = _count_invalid(raw)
+    rows.append(result(f"{name}: runs that failed over or lost protection", invalid, "runs",
+                       0, "expected"))
     if out_dir:
         (out_dir / f"{name}-raw.json").write_text(json.dumps({"quick": quick, **raw},
                                                              indent=1) + "\n")

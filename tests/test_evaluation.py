@@ -85,3 +85,15 @@ def test_chart_is_a_valid_png(tmp_path):
     raw = zlib.decompress(data[41:41 + n])
     assert len(raw) == h * (1 + 3 * w)
     assert len(set(raw)) > 3  # something was drawn
+
+
+def test_invalid_runs_are_counted_wherever_they_sit():
+    raw = {"modes": {"a": {"runs": [{"valid": True}, {"valid": False}]},
+                     "b": {20: {"valid": False, "high": {}}, 40: {"valid": True}}}}
+    assert ev._count_invalid(raw) == 2
+    got = {"failovers": 1, "unprotected": [3]}
+    v = ev._valid(got, "x")
+    assert v["valid"] is False and "failover" in v["invalid_because"] \
+        and "[3]" in v["invalid_because"]
+    assert ev._valid({"failovers": 0, "unprotected": []}, "x") == {"valid": True,
+                                                                    "invalid_because": ""}

@@ -35,6 +35,7 @@ def test_transactions_cross_r1_and_both_groups_commit(tmp_path):
         groups = {g["id"]: g for g in bed.picoctl("r1", "groups")["groups"]}
     finally:
         bed.stop()
+    assert got["failovers"] == 0 and got["unprotected"] == []
     recs = got["records"]
     assert len(recs) == 8
     assert [r["error"] for r in recs] == [None] * 8
