@@ -97,3 +97,26 @@ def test_invalid_runs_are_counted_wherever_they_sit():
         and "[3]" in v["invalid_because"]
     assert ev._valid({"failovers": 0, "unprotected": []}, "x") == {"valid": True,
                                                                     "invalid_because": ""}
+
+
+def test_results_tables_put_each_figure_beside_its_baseline(tmp_path):
+    import json
+
+    from bench import tables
+    run = {"txn_per_s_mean": 100.0, "txn_per_s_std": 5.0, "p95_ms_mean": 10.0,
+           "p50_ms_mean": 5.0, "pico_cpu_pct": 50.0, "errors": 0}
+    t3 = {"modes": {"no-ha": run, "pico-1000hz": dict(run, txn_per_s_mean=97.0,
+                                                       p95_ms_mean=11.0)}}
+    (tmp_path / "table3-raw.json").write_text(json.dumps(t3))
+    st = {"p50_ms": 1.0, "p95_ms": 2.0, "pico_cpu_pct": 10.0, "replication_cpu_pct": 1.0,
+          "geomean_ms": 1.5, "valid": True}
+    f11 = {"groups": [1, 64], "results": {"0": st, "1": st, "64": dict(st, valid=False)}}
+    (tmp_path / "fig11-raw.json").write_text(json.dumps(f11))
+    out = __import__("io").StringIO()
+    import contextlib
+    with contextlib.redirect_stdout(out):
+        tables.main([str(tmp_path)])
+    text = out.getvalue()
+    assert "| Pico, chords, 1000 Hz | 97 ± 5 | 0.97x | 11.0 ms | 1.10x |" in text
+    assert "### fig11" in text and "| 64 |" in text and "INVALID" in text
+    assert "### fig9" not in text  # (no file: no table)
