@@ -34,13 +34,16 @@ def fix_checksums(pkt: bytes) -> bytes:
     """Recompute the IPv4 header checksum and the TCP/UDP/ICMP(v6) checksum of one packet.
 
     Packets that are not plain, unfragmented IPv4/IPv6 TCP/UDP/ICMP are returned unchanged
-    apart from the IPv4 header checksum.
+    apart from the IPv4 header checksum. Never raises: a broken packet (IHL under 20 or past
+    the end, a total length shorter than the header) is returned unchanged.
     """
     b = bytearray(pkt)
     version = b[0] >> 4 if b else 0
     if version == 4 and len(b) >= 20:
         ihl = (b[0] & 0x0F) * 4
         total = min(int.from_bytes(b[2:4], "big"), len(b))
+        if ihl < 20 or total < ihl:  # (fuzzing: total - ihl went negative and raised)
+            return bytes(b)
         b[10:12] = b"\0\0"
         b[10:12] = internet_checksum(b[:ihl]).to_bytes(2, "big")
         if int.from_bytes(b[6:8], "big") & 0x3FFF:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Callable, NamedTuple
 
 from shared import abi
@@ -20,7 +20,7 @@ from shared.packets import PacketSegment
 from shared.words import word_views
 
 from .classify import Classifier
-from .parse import Parsed, parse
+from .parse import Parsed, parse, problem_kind
 
 QUEUED, DROP_FULL, DROP_OVERSIZE, HELD, DROP_HOLD_FULL = 0, 1, 2, 3, 4
 ACCEPT, DROP, SEND = "accept", "drop", "send"
@@ -180,6 +180,11 @@ class Ingress:
         self.cache: dict[bytes, int] = {}
         self.mtu = seg.g.mtu  # the configured MTU (a slot may hold a little more)
         self.counts = CounterWords(seg.segment.buf, abi.PKT_COUNTERS_OFFSET, abi.PKT_COUNTERS)
+        # Packets no flow key could be derived from, by (problem kind, malformed): broken ones
+        # (also in the segment's `malformed` counter) and merely unsupported ones (fragments,
+        # other protocols). This process's own tally, exported as pico_pmm_noflow_packets.
+        self.noflow: Counter = Counter()
+        self.last_protected = False  # the last QUEUED packet's group is protected
 
     def on_packet(self, packet_id: int, payload: bytes, now: float | None = None) -> int:
         """Queue the packet; QUEUED, HELD (its flow is STANDBY here: the verdict waits), or why
@@ -225,8 +230,10 @@ class Ingress:
         flags = abi.PKT_IPV6 if p.family == 6 else 0
         if not p.flow:
             flags |= abi.PKT_NOFLOW
-            if p.malformed and first:
-                counts.add("malformed", 1)
+            if first:
+                if p.malformed:
+                    counts.add("malformed", 1)
+                self.noflow[(problem_kind(p.problem), p.malformed)] += 1
             group = abi.GROUP_DEFAULT
         else:
             if self.hold.count and p.key in self.hold:
@@ -260,6 +267,8 @@ class Ingress:
             return DROP_FULL
         row["rx_packets"] = int(row["rx_packets"]) + 1
         row["rx_bytes"] = int(row["rx_bytes"]) + len(payload)
+        # (the shell wakes a sleeping RM only for a group it checkpoints: pico_abi.h, .rm)
+        self.last_protected = bool(row["protected_"])
         return QUEUED
 
     def forget(self, key: bytes) -> None:

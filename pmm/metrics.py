@@ -52,6 +52,9 @@ class PmmMetrics:
         from prometheus_client import CollectorRegistry
         self.replica = replica_name
         self.seg = seg
+        # (problem kind, malformed) -> packets without a flow key: Ingress.noflow, set by the
+        # PMM once its Ingress exists.
+        self.noflow: dict = {}
         self.log = pico_log.get_logger("pmm", replica=replica_name)
         self.registry = CollectorRegistry()
         self.registry.register(self)
@@ -77,6 +80,12 @@ class PmmMetrics:
                                     labels=["replica"])
         pending.add_metric([r], counts["pending"])
         yield pending
+        noflow = CounterMetricFamily("pico_pmm_noflow_packets", "Packets no flow key could be "
+                                     "derived from (sent to the default group), by reason",
+                                     labels=["replica", "reason", "malformed"])
+        for (reason, malformed), n in list(self.noflow.items()):
+            noflow.add_metric([r, reason, "true" if malformed else "false"], n)
+        yield noflow
         for kind, fields in ((CounterMetricFamily, _GROUP_COUNTERS),
                              (GaugeMetricFamily, _GROUP_GAUGES)):
             for field, doc in fields:

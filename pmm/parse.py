@@ -6,6 +6,7 @@ unsupported protocol...). The PMM sends such packets to the default group and co
 """
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 from shared.flowkey import hash_key, make_key_packed
@@ -29,6 +30,15 @@ class Parsed(NamedTuple):
     dport: int
     malformed: bool     # broken rather than merely unsupported
     problem: str
+
+
+_DETAIL = re.compile(r"\s*\([^)]*\)|\s+-?\d+")
+
+
+def problem_kind(problem: str) -> str:
+    """The problem without its numbers, a stable label for counting: "bad IHL 8" -> "bad IHL",
+    "bogus IPv4 total length 30 (packet has 20 bytes)" -> "bogus IPv4 total length"."""
+    return _DETAIL.sub("", problem) or "unknown"
 
 
 def _noflow(problem: str, malformed: bool = True, family: int = 0, proto: int = 0,

@@ -28,7 +28,7 @@ from shared import log as pico_log
 from shared.api import attach_replica
 from shared.errors import PicoError
 from shared.flowtable import ACTIVE, STANDBY
-from shared.packets import IN_WAITING, OUT_WAITING, Doorbell
+from shared.packets import IN_WAITING, OUT_WAITING, RM_WAITING, Doorbell
 from shared.words import word_views
 
 from .audit import record as audit_record
@@ -101,12 +101,14 @@ class PmmServer:
         # (chords placement: the membership view the RM writes decides new flows' groups)
         classifier = Classifier(config, replica, membership=lambda: self.seg.membership()[1])
         self.ingress = Ingress(self.seg, classifier, self._flow_group, self.hold)
+        self.metrics.noflow = self.ingress.noflow
         (self._flow_words,) = word_views(self.flows.segment.buf, "Q")
         self.releaser = Releaser(self.seg)
         self.raw = RawSender()
         buf = self.seg.segment.buf
         self.in_bell = Doorbell(self.store.in_bell, buf, IN_WAITING)     # we ring it
         self.out_bell = Doorbell(self.store.out_bell, buf, OUT_WAITING)  # we sleep on it
+        self.rm_bell = Doorbell(self.store.rm_bell, buf, RM_WAITING)     # we ring it (ABI 1.3)
         self.pending: dict[int, tuple[object, float]] = {}
         self.pending_timeout = config.packets.pending_timeout_ms / 1000.0
         self._stop = threading.Event()
@@ -146,6 +148,8 @@ class PmmServer:
             result = None
         if result == QUEUED:
             self.in_bell.ring()
+            if self.ingress.last_protected:
+                self.rm_bell.ring()  # (a no-op unless the RM sleeps: its groups were idle)
         elif result == HELD:
             self.pending[pid] = (pkt, HELD_SINCE)  # in no ring, on purpose: not lost
         elif self.pending.pop(pid, None) is not None:
@@ -180,6 +184,7 @@ class PmmServer:
                 pkt.drop()
         if queued:
             self.in_bell.ring()
+            self.rm_bell.ring()
         if actions.drop:
             for held in actions.drop:
                 entry = self.pending.pop(held.packet_id, None)

@@ -11,7 +11,7 @@ import posix_ipc
 from shared import abi
 from shared.api import sem_prefix
 from shared.errors import ConfigError
-from shared.packets import PacketSegment, doorbell_names, pkt_segment_name
+from shared.packets import PacketSegment, doorbell_names, pkt_segment_name, rm_doorbell_name
 from shared.locks import create_sem
 from shared.security import shm_access
 from shared.segment import create_segment
@@ -54,10 +54,10 @@ class PacketStore:
                                  g.buffering and not mine, protected=not mine)
             del desc, groups
             self.bells = []
-            for name in doorbell_names(self.sem_prefix):
+            for name in (*doorbell_names(self.sem_prefix), rm_doorbell_name(self.sem_prefix)):
                 # (a predecessor's, maybe mid-count, is removed first)
                 self.bells.append(create_sem(name, 0, access))
-            self.in_bell, self.out_bell = self.bells
+            self.in_bell, self.out_bell, self.rm_bell = self.bells
             self.seg = PacketSegment(seg)
         except BaseException:
             seg.unlink()
@@ -83,7 +83,7 @@ class PacketStore:
         self.seg.release_views()
         if unlink:
             segment.unlink()
-            for name in doorbell_names(self.sem_prefix):
+            for name in (*doorbell_names(self.sem_prefix), rm_doorbell_name(self.sem_prefix)):
                 try:
                     posix_ipc.unlink_semaphore(name)
                 except posix_ipc.ExistentialError:

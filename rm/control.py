@@ -59,12 +59,22 @@ class RmControl:
             return wire.encode(msg.type | wire.REPLY_BIT, msg.seq, wire.json_body(body))
         except (WireError, PacketError) as e:
             code = e.code if isinstance(e, WireError) else wire.ERR_BAD_BODY
-            self.errors[wire.ERROR_NAMES.get(code, str(code))] += 1
-            return wire.error_reply(seq, code, str(e))
+            return self._refuse(seq, code, str(e))
         except Exception as e:  # a bug must not take the RM (and so the replica) down
-            self.errors["internal"] += 1
-            return wire.error_reply(seq, wire.ERR_INTERNAL, f"internal error: "
-                                    f"{type(e).__name__}: {e}")
+            self.server.log.exception("internal error handling a request")
+            return self._refuse(seq, wire.ERR_INTERNAL, f"internal error: "
+                                f"{type(e).__name__}: {e}")
+
+    def bad_envelope(self, parts: int) -> bytes:
+        return self._refuse(0, wire.ERR_BAD_ENVELOPE, f"expected one message frame after the "
+                            f"envelope, got {parts}: send a single frame")
+
+    def _refuse(self, seq: int, code: int, text: str) -> bytes:
+        """An error reply, counted in STATS `errors` and logged (bad input never stops the RM)."""
+        name = wire.ERROR_NAMES.get(code, str(code))
+        self.errors[name] += 1
+        self.server.log.warning(f"rejected request seq={seq}: {name}: {text}")
+        return wire.error_reply(seq, code, text)
 
     def _group(self, req: dict) -> int:
         g = req.get("group")

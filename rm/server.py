@@ -49,7 +49,7 @@ class RmServer:
         # Started together with the SMM and the PMM (honcho): wait for their segments.
         self.flows = attach_replica(config, replica, timeout=30.0, name="pico-rm", wait=True)
         self.seg, self.ctl = attach_control(pkt_segment_name(c.shm_prefix, c.name, replica),
-                                            timeout=30.0, wait=True)
+                                            timeout=30.0, wait=True, sleeper=True)
         self.max_bytes = config.control.max_message_bytes
         self.clients: dict[int, AsyncControl] = {}     # target replica id -> its SMM
         self.groups: dict[int, GroupEpochs] = {}       # the groups this RM protects
@@ -62,6 +62,10 @@ class RmServer:
         self.operator_suspended: set[int] = set()      # picoctl suspend: epochs must not resume
         self._last_read: dict[int, int] = {}   # group -> pkts_read when its last epoch was taken
         self._last_epoch: dict[int, float] = {}
+        # Groups whose last due deadline found nothing to checkpoint. When every group is,
+        # the RM sleeps on its doorbell (ABI 1.3) instead of waking every period to look.
+        self._dormant: set[int] = set()
+        self.bell_sleeps = 0
         self.held: set[int] = set()  # an operator change holds the group: epochs run, no resume
         self.unprotected_total = 0
         self.events = ControllerEvents(config.control.controller_endpoint, self.log,
@@ -150,7 +154,9 @@ class RmServer:
                     continue
                 if now >= ge.next_due and not ge.inflight and self._idle(ge, now):
                     ge.skip(now)  # nothing to checkpoint, no output to release
+                    self._dormant.add(ge.group)
                     continue
+                self._dormant.discard(ge.group)
                 acts = ge.step(now)  # a suspending step judges nothing (rm/epochs.py)
                 if acts:
                     self._apply(ge, acts)
@@ -193,9 +199,16 @@ class RmServer:
         read = int(self.seg.groups[i]["pkts_read"])
         last = self._last_read.get(g)
         if last is None or read != last or len(self.seg.output_ring(i)) or \
-                now - self._last_epoch.get(g, 0.0) >= IDLE_MAX_S:
+                len(self.seg.input_ring(i)) or now - self._last_epoch.get(g, 0.0) >= IDLE_MAX_S:
             return False
         return True
+
+    def _may_sleep(self) -> bool:
+        """Every group's last deadline found it idle, none has an epoch in flight or a drain
+        under way: only the doorbell, an ack timeout or IDLE_MAX_S can give it work."""
+        return (self.ctl.rm_bell is not None and bool(self.groups)
+                and all(g in self._dormant and ge.state == RUNNING and not ge.inflight
+                        for g, ge in self.groups.items()))
 
     def _with_moves(self, group: int, recs):
         """Flows moved out of the group since its last epoch leave its backup as deletes."""
@@ -324,7 +337,11 @@ class RmServer:
         groups = list(self.groups.values())
         if any(g.state != RUNNING for g in groups):
             return 0.0002  # draining: look again soon
-        soonest = min((min(g.next_due, g.timeout_at) for g in groups), default=now + 0.5)
+        if self._may_sleep():  # (woken early by the doorbell: a packet for a group)
+            soonest = min((min(self._last_epoch.get(g.group, now) + IDLE_MAX_S, g.timeout_at)
+                           for g in groups), default=now + 0.5)
+        else:
+            soonest = min((min(g.next_due, g.timeout_at) for g in groups), default=now + 0.5)
         if self.events.pending:
             soonest = min(soonest, now + 0.05)
         if self.events.client is not None:
@@ -335,14 +352,31 @@ class RmServer:
         """Sleep until the next pass is due, an ack arrives, or a socket in `extra` (the
         control endpoint) is readable; the ready sockets."""
         import zmq
-        wait = self.next_wakeup(time.monotonic())
-        if wait < 0.001:  # zmq polls in whole milliseconds: sleep the short waits
+        now = time.monotonic()
+        wait = self.next_wakeup(now)
+        bell = self.ctl.rm_bell if self._may_sleep() else None
+        if bell is not None:
+            bell.prepare()  # rm_waiting = 1 and a fence; then one more look (pico_abi.h)
+            if not all(self._idle(ge, now) for ge in self.groups.values()):
+                bell.clear()
+                return {}
+            self.bell_sleeps += 1
+        elif wait < 0.001:  # zmq polls in whole milliseconds: sleep the short waits
             time.sleep(wait)
             wait = 0.0
         poller = zmq.Poller()
         for sock in [c._sock for c in self.clients.values()] + (extra or []):
             poller.register(sock, zmq.POLLIN)
-        return dict(poller.poll(int(wait * 1000)))
+        if bell is not None:
+            poller.register(bell.fd, zmq.POLLIN)
+        ms = int(wait * 1000)
+        if bell is not None and wait > 0:
+            ms = max(1, ms)  # (asleep, a beat a fraction of a millisecond late costs nothing)
+        try:
+            return dict(poller.poll(ms))
+        finally:
+            if bell is not None:
+                bell.clear()
 
     def close(self) -> None:
         for g, ge in self.groups.items():  # never leave a group suspended mid-drain

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 ABI_MAJOR = 1
-ABI_MINOR = 2
+ABI_MINOR = 3
 
 MAGIC = int.from_bytes(b"PICOSEG1", "little")
 READY = int.from_bytes(b"REDY", "little")
@@ -186,9 +186,12 @@ PKT_COUNTERS = _struct([
     ("output_errors", "<u8", 88),
     ("standby_held", "<u8", 96),
     ("standby_drops", "<u8", 104),
-    ("reserved", ("<u8", 2), 112),
+    ("rm_waiting", "<u4", 112),  # (ABI 1.3) the RM's sleep word: not a counter
+    ("reserved0", "<u4", 116),
+    ("reserved1", "<u8", 120),
 ], 128)
-PKT_COUNTER_NAMES = [n for n in PKT_COUNTERS.names if n != "reserved"]
+PKT_COUNTER_NAMES = [n for n in PKT_COUNTERS.names
+                     if n not in ("rm_waiting", "reserved0", "reserved1")]
 
 GROUP_CONTROL = ["id", "state", "frequency_hz", "target", "buffering", "suspended", "protected_"]
 GROUP_PMM = ["rx_packets", "rx_bytes", "input_drops", "released", "held"]

@@ -40,11 +40,14 @@ class FlowClient:
         desc = seg.view(abi.FLOW_DESC, abi.FLOW_DESC_OFFSET)
         self.geometry = Geometry.from_desc(desc, seg.size)
         self.geometry.check(seg.name)
-        prefix = bytes(desc["sem_prefix"]).split(b"\0", 1)[0].decode()
+        prefix = sem_prefix_of(desc, seg.name)
         timeout = int(desc["lock_timeout_ms"]) / 1000.0
         del desc
-        self.locks = StripeLocks(prefix, self.geometry.n_stripes, seg.buf,
-                                 self.geometry.stripes_offset, timeout)
+        try:
+            self.locks = StripeLocks(prefix, self.geometry.n_stripes, seg.buf,
+                                     self.geometry.stripes_offset, timeout)
+        except AttachError as e:  # say which segment named the missing semaphores
+            raise type(e)(f"flow segment {seg.name}: {e}") from None
         self.table = FlowTable(seg.buf, self.geometry, self.locks,
                                int(seg.header["owner_replica"]))
         self._client_slot = -1
@@ -106,6 +109,19 @@ class FlowClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def sem_prefix_of(desc, where: str) -> str:
+    """The descriptor's semaphore prefix; SegmentCorrupt if it is not one (garbage bytes)."""
+    raw = bytes(desc["sem_prefix"]).split(b"\0", 1)[0]
+    try:
+        prefix = raw.decode()
+    except UnicodeDecodeError:
+        prefix = ""
+    if not prefix.startswith("/") or len(prefix) < 2:
+        raise SegmentCorrupt(f"segment {where}: its semaphore prefix {raw[:48]!r} is not a "
+                             "'/name': the segment is corrupt; restart its owner to rebuild it")
+    return prefix
 
 
 def _take_registry(sem, timeout: float, where: str) -> None:

@@ -83,6 +83,11 @@ class Geometry:
             problems.append("slots run past the end of the segment")
         if not 0 < self.max_per_stripe <= self.slots_per_stripe:
             problems.append("max_per_stripe out of range")
+        if not problems:  # the offsets must be pico_abi.h's layout (fuzzing: a wild offset
+            lay = abi.flow_layout(self.n_slots, self.n_stripes, self.state_size)  # crashed
+            for name in ("clients_offset", "stripes_offset", "slots_offset"):     # numpy)
+                if getattr(self, name) != lay[name]:
+                    problems.append(f"{name} {getattr(self, name)} != {lay[name]}")
         if problems:
             raise SegmentCorrupt(f"flow segment {where}: " + "; ".join(problems) +
                                  ": restart its SMM to rebuild it")

@@ -23,7 +23,7 @@ import numpy as np
 import posix_ipc
 
 from . import abi
-from .errors import AttachError, PicoError
+from .errors import AttachError, PicoError, SegmentCorrupt
 from .rings import Ring
 from .segment import Segment, attach_segment, process_alive, wait_for_segment
 
@@ -31,6 +31,7 @@ from .words import word_views
 _FENCE = threading.Lock()
 IN_WAITING = abi.PKT_DESC_OFFSET + abi.PKT_DESC.fields["in_waiting"][1]
 OUT_WAITING = abi.PKT_DESC_OFFSET + abi.PKT_DESC.fields["out_waiting"][1]
+RM_WAITING = abi.PKT_COUNTERS_OFFSET + abi.PKT_COUNTERS.fields["rm_waiting"][1]  # (ABI 1.3)
 
 
 def fence() -> None:
@@ -49,10 +50,13 @@ class Doorbell:
         self._flag = flag_offset >> 2
 
     # producer
-    def ring(self) -> None:
+    def ring(self) -> bool:
+        """Post if the consumer sleeps; whether it did."""
         fence()
         if self._w[self._flag]:
             self.sem.release()
+            return True
+        return False
 
     def ring_always(self) -> None:
         self.sem.release()
@@ -89,6 +93,80 @@ def doorbell_names(sem_prefix: str) -> tuple[str, str]:
     return f"{sem_prefix}.in", f"{sem_prefix}.out"
 
 
+def rm_doorbell_name(sem_prefix: str) -> str:
+    """(ABI 1.3) The RM's doorbell: the PMM posts it when it queues input for a protected
+    group while the RM sleeps (rm_waiting = 1)."""
+    return f"{sem_prefix}.rm"
+
+
+class BellRelay:
+    """The RM's side of its doorbell, as a file descriptor its ZeroMQ poller can watch: a
+    thread waits on the semaphore and writes a byte to a pipe for each post. The RM says it
+    sleeps with prepare() (rm_waiting = 1, a fence), scans its groups once more, then polls
+    the fd; after waking it calls clear()."""
+
+    def __init__(self, sem: posix_ipc.Semaphore, buf):
+        import os
+        self.sem = sem
+        self.bell = Doorbell(sem, buf, RM_WAITING)
+        self.fd, self._wfd = os.pipe()
+        os.set_blocking(self.fd, False)
+        self._stop = threading.Event()
+        self.wakeups = 0
+        self._thread = threading.Thread(target=self._relay, name="rm-bell", daemon=True)
+        self._thread.start()
+
+    def _relay(self) -> None:
+        import os
+        while not self._stop.is_set():
+            try:
+                self.sem.acquire(0.5)  # (a timeout, so close() never waits on a lost post)
+            except posix_ipc.BusyError:
+                continue
+            except (posix_ipc.SignalError, posix_ipc.ExistentialError):
+                continue
+            if self._stop.is_set():
+                return
+            try:
+                os.write(self._wfd, b"!")
+            except OSError:
+                return
+
+    def prepare(self) -> None:
+        self.bell.prepare()
+
+    def clear(self) -> int:
+        """Not sleeping any more; the posts taken since (drained from the pipe)."""
+        import os
+        self.bell.cancel()
+        n = 0
+        try:
+            while True:
+                got = os.read(self.fd, 4096)
+                if not got:
+                    break
+                n += len(got)
+        except BlockingIOError:
+            pass
+        self.wakeups += n
+        return n
+
+    def close(self) -> None:
+        import os
+        self._stop.set()
+        try:
+            self.sem.release()  # (wake the relay now rather than at its timeout)
+        except posix_ipc.ExistentialError:
+            pass
+        self._thread.join(1.0)
+        for fd in (self.fd, self._wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.sem.close()
+
+
 class PacketError(PicoError):
     """A packet call was misused (unknown group, oversized packet...)."""
 
@@ -107,6 +185,41 @@ class PacketGeometry:
     @classmethod
     def from_desc(cls, desc) -> "PacketGeometry":
         return cls(**{f: int(desc[f]) for f in cls.__dataclass_fields__})
+
+    def check(self, where: str, segment_size: int) -> None:
+        """Raise SegmentCorrupt unless these numbers are pico_abi.h's layout and fit the
+        mapping (fuzzing: wild descriptor values crashed numpy and the rings)."""
+        problems = []
+        if self.max_groups < 1 or self.mtu < 1:
+            problems.append(f"max_groups {self.max_groups} and mtu {self.mtu} must be >= 1")
+        elif self.ring_slots < 1 or self.ring_slots & (self.ring_slots - 1):
+            problems.append(f"ring_slots {self.ring_slots} is not a power of two")
+        else:
+            lay = abi.pkt_layout(self.max_groups, self.ring_slots, self.mtu)
+            for name in ("groups_offset", "rings_offset", "ring_bytes", "n_rings", "slot_size"):
+                if getattr(self, name) != lay[name]:
+                    problems.append(f"{name} {getattr(self, name)} != {lay[name]}")
+            if lay["segment_size"] > segment_size:
+                problems.append(f"needs {lay['segment_size']} bytes, the mapping has "
+                                f"{segment_size}")
+        if problems:
+            raise SegmentCorrupt(f"packet segment {where}: " + "; ".join(problems) +
+                                 ": restart its PMM to rebuild it")
+
+
+def _checked(seg: Segment) -> Segment:
+    """An attached packet segment whose descriptor was validated before any view is made
+    over it (the owner's own PacketSegment needs no check); closes it on failure."""
+    from .api import sem_prefix_of
+    try:
+        desc = seg.view(abi.PKT_DESC, abi.PKT_DESC_OFFSET)
+        PacketGeometry.from_desc(desc).check(seg.name, seg.size)
+        sem_prefix_of(desc, seg.name)
+        del desc
+    except BaseException:
+        seg.close()
+        raise
+    return seg
 
 
 class PacketSegment:
@@ -208,8 +321,8 @@ class PacketClient:
         except posix_ipc.ExistentialError:
             desc["consumer_pid"] = 0
             self.seg.release_views()
-            raise AttachError(f"doorbell semaphores {in_name}/{out_name} are missing: is the "
-                              "PMM running?") from None
+            raise AttachError(f"packet segment {seg.name}: doorbell semaphores {in_name}/"
+                              f"{out_name} are missing: is the PMM running?") from None
         self._generation = -1
         self._order: list[int] = []
         self._rr = 0
@@ -383,16 +496,29 @@ class PacketClient:
 class GroupControl:
     """The writer of the group table's control line: the RM (tests stand in for it)."""
 
-    def __init__(self, seg: PacketSegment):
+    def __init__(self, seg: PacketSegment, sleeper: bool = False):
+        """sleeper: this is the replica's RM, which sleeps on the RM doorbell when its groups
+        are idle (one sleeper per semaphore: a second would take the first one's posts)."""
         self.seg = seg
         in_name, out_name = doorbell_names(seg.sem_prefix)
-        self._in_bell = posix_ipc.Semaphore(in_name)
-        self._out_bell = posix_ipc.Semaphore(out_name)
+        try:
+            self._in_bell = posix_ipc.Semaphore(in_name)
+            self._out_bell = posix_ipc.Semaphore(out_name)
+        except posix_ipc.ExistentialError:
+            raise AttachError(f"packet segment {seg.segment.name}: doorbell semaphores "
+                              f"{in_name}/{out_name} are missing: is the PMM running?") from None
         self._generation = -1
         self._by_id: dict[int, int] = {}
         self._words: dict[tuple[int, str], int] = {}
         self._w32, self._w64 = word_views(seg.segment.buf, "IQ")
         self._ring_in = self._ring_out = False
+        self.rm_bell: BellRelay | None = None
+        if sleeper:
+            try:  # (ABI 1.3; a PMM that does not create it leaves the RM polling each period)
+                self.rm_bell = BellRelay(posix_ipc.Semaphore(rm_doorbell_name(seg.sem_prefix)),
+                                         seg.segment.buf)
+            except posix_ipc.ExistentialError:
+                pass
 
     def _word(self, group: int, field: str) -> int:
         """Index of the group's word `field` in the matching word view (_w32 or _w64)."""
@@ -527,13 +653,16 @@ class GroupControl:
         self._w32 = self._w64 = None  # views must go before the mapping closes
         self._in_bell.close()
         self._out_bell.close()
+        if self.rm_bell is not None:
+            self.rm_bell.bell = None  # (its word view goes with the mapping)
+            self.rm_bell.close()
 
 
 def attach_packets(segment_name: str, timeout: float = 2.0, wait: bool = False) -> PacketClient:
     """Attach a middlebox to a replica's packet segment (wait=True: wait up to `timeout` for
     the PMM to create it)."""
-    seg = (wait_for_segment(segment_name, abi.SEG_PACKETS, timeout) if wait else
-           attach_segment(segment_name, abi.SEG_PACKETS, timeout))
+    seg = _checked(wait_for_segment(segment_name, abi.SEG_PACKETS, timeout) if wait else
+                   attach_segment(segment_name, abi.SEG_PACKETS, timeout))
     try:
         return PacketClient(seg)
     except BaseException:
@@ -541,9 +670,15 @@ def attach_packets(segment_name: str, timeout: float = 2.0, wait: bool = False) 
         raise
 
 
-def attach_control(segment_name: str, timeout: float = 2.0,
-                   wait: bool = False) -> tuple[PacketSegment, GroupControl]:
-    """Attach as the group table's control writer (the RM, or a test in its place)."""
-    seg = PacketSegment(wait_for_segment(segment_name, abi.SEG_PACKETS, timeout) if wait else
-                        attach_segment(segment_name, abi.SEG_PACKETS, timeout))
-    return seg, GroupControl(seg)
+def attach_control(segment_name: str, timeout: float = 2.0, wait: bool = False,
+                   sleeper: bool = False) -> tuple[PacketSegment, GroupControl]:
+    """Attach as the group table's control writer (the RM, or a test in its place);
+    sleeper: see GroupControl."""
+    seg = PacketSegment(_checked(wait_for_segment(segment_name, abi.SEG_PACKETS, timeout) if wait
+                                 else attach_segment(segment_name, abi.SEG_PACKETS, timeout)))
+    try:
+        return seg, GroupControl(seg, sleeper)
+    except BaseException:
+        seg.release_views()
+        seg.segment.close()
+        raise

@@ -1,7 +1,8 @@
 /*
- * pico_abi.h - the Pico shared-memory ABI, version 1.2 (1.0, plus the packet segment in 1.1,
+ * pico_abi.h - the Pico shared-memory ABI, version 1.3 (1.0, plus the packet segment in 1.1,
  * plus in 1.2: the stripes' dirty hints, the membership view in the packet descriptor, the
- * standby-hold counters, and the group entry's discard word).
+ * standby-hold counters, and the group entry's discard word; plus in 1.3: the RM's doorbell
+ * and its rm_waiting word).
  *
  * This header is THE layout specification. The Python binding (shared/abi.py) mirrors every
  * struct below as a numpy dtype with explicit offsets, and tests/test_abi_offsets.py compiles a
@@ -140,6 +141,9 @@
  *                                  it resumes a group; the middlebox waits on it when idle
  *                <sem_prefix>.out  posted by the middlebox after each write, and by the RM when
  *                                  it advances a committed epoch; the PMM waits on it
+ *                <sem_prefix>.rm   (ABI 1.3) posted by the PMM after it queues input for a
+ *                                  protected group while rm_waiting is 1; an RM whose groups
+ *                                  are all idle waits on it instead of polling every period
  *
  *   0      +----------------------------------+
  *          | pico_seg_header     (128 B)      |
@@ -214,7 +218,7 @@
 #endif
 
 #define PICO_ABI_MAJOR 1
-#define PICO_ABI_MINOR 2
+#define PICO_ABI_MINOR 3
 
 /* "PICOSEG1" read as a little-endian u64 */
 #define PICO_MAGIC 0x314745534F434950ULL
@@ -404,7 +408,11 @@ typedef struct pico_pkt_counters { /* written by the PMM only */
     uint64_t standby_held;     /* 352 packets of a flow STANDBY here, held for its activation */
     uint64_t standby_drops;    /* 360 held packets dropped: not activated within
                                 *     packets.standby_hold_ms, or over the hold's bound */
-    uint64_t reserved[2];      /* 368 */
+    uint32_t rm_waiting;       /* 368 (ABI 1.3) 1 while the RM sleeps (or is about to) on .rm
+                                *     because every group it checkpoints is idle; the RM is
+                                *     its only writer (not a counter) */
+    uint32_t reserved0;        /* 372 */
+    uint64_t reserved1;        /* 376 */
 } pico_pkt_counters;
 
 typedef struct pico_group {

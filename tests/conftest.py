@@ -71,6 +71,10 @@ class SmmProcess:
         try:
             wait_until_serving(self.endpoint, self.proc, timeout, what="pico-smm")
         except Exception:
+            if self.proc.poll() is None:  # not serving in time: never leave it running
+                self.proc.kill()
+                self.proc.wait()
+            self._log.close()
             raise RuntimeError(f"pico-smm did not start: {self.log_path.read_text()}") from None
 
     def log(self) -> str:

@@ -300,3 +300,58 @@ def test_an_idle_group_skips_its_epochs_but_still_checkpoints_now_and_then(pair)
         assert violations([record(v) for v in out]) == []
     finally:
         rm.close()
+
+
+def test_an_idle_rm_sleeps_on_its_doorbell_and_a_queued_packet_wakes_it(pair):
+    """ABI 1.3: with every group idle the RM stops polling each period and sleeps with
+    rm_waiting = 1; the PMM's post for a protected group's packet wakes it, and the packet's
+    output is committed and released as usual."""
+    from shared.packets import RM_WAITING, Doorbell
+    store, ingress, releaser, cfg, backup, flows, mb = pair
+    rm = RmServer(cfg, "r1")
+    waiting = lambda: int(store.seg.counters["rm_waiting"])  # noqa: E731
+    try:
+        assert rm.ctl.rm_bell is not None
+        passes, deadline = 0, time.monotonic() + 5
+        while rm.bell_sleeps < 3:                # idle: the groups' deadlines find nothing
+            assert time.monotonic() < deadline, (rm.bell_sleeps, rm._dormant)
+            rm.run_once()
+            rm.wait([])
+            passes += 1
+        assert waiting() == 0                    # awake between sleeps
+        import threading
+        stop = threading.Event()
+
+        def loop():
+            while not stop.is_set():
+                rm.run_once()
+                rm.wait([])
+        t = threading.Thread(target=loop)
+        t.start()
+        try:
+            deadline = time.monotonic() + 5
+            while waiting() != 1:               # the RM is asleep on its doorbell now
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            bell = Doorbell(store.rm_bell, store.seg.segment.buf, RM_WAITING)  # the PMM's
+            woken = rm.ctl.rm_bell.wakeups
+            assert bell.ring()                  # it sleeps: the ring posts
+            deadline = time.monotonic() + 2
+            while rm.ctl.rm_bell.wakeups == woken:  # the relay hands the post to the RM
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            ingress.on_packet(7, ipv4("10.0.0.1", "10.0.1.1", 6, 42000, 80))
+            bell.ring()                         # (if it sleeps again)
+            pkt = mb.pkt_read(timeout=2)
+            st = flows.get_flow(pkt.key, create=True, group=pkt.group)
+            st[0] = 1
+            mb.pkt_write(pkt)
+            flows.put_flow(pkt.key, modified=True)
+            out = _released(releaser, 1)
+            assert out[0].packet_id == 7 and out[0].epoch <= out[0].committed
+            assert violations([record(v) for v in out]) == []
+        finally:
+            stop.set()
+            t.join(5)
+    finally:
+        rm.close()

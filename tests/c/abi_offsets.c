@@ -82,7 +82,8 @@ static void begin(const char *name, size_t size)
     F(T, rx_packets) F(T, rx_bytes) F(T, malformed) F(T, default_group)         \
     F(T, input_drops) F(T, released) F(T, unwritten_drops) F(T, raw_sent)       \
     F(T, verdict_errors) F(T, heartbeat_ns) F(T, pending) F(T, output_errors)   \
-    F(T, standby_held) F(T, standby_drops) F(T, reserved)
+    F(T, standby_held) F(T, standby_drops) F(T, rm_waiting) F(T, reserved0)  \
+    F(T, reserved1)
 
 #define GROUP_FIELDS(T, F)                                                      \
     F(T, id) F(T, state) F(T, frequency_hz) F(T, target) F(T, buffering)        \
