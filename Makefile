@@ -1,6 +1,7 @@
 # Pico: the fixed make targets (see docs/architecture.md).
 #   make setup  - Debian packages + .venv with the project installed (idempotent)
 #   make test   - setup, build libpico, run the whole suite
+#   make test-faults - setup, run the whole fault matrix (root; make test runs its short form)
 #   make demo   - setup, run the main job on configs/demo.yaml
 #   make bench  - setup, run every benchmark (quick mode with QUICK=1)
 SHELL := /bin/bash
@@ -12,7 +13,7 @@ DEB_PACKAGES := iptables libnetfilter-queue-dev openvswitch-switch openvswitch-c
                 python3 python3-venv python3-dev
 PYTEST_ARGS ?=
 
-.PHONY: setup deb venv lib test demo bench clean
+.PHONY: setup deb venv lib test test-faults demo bench clean
 
 setup: deb venv lib
 
@@ -42,6 +43,16 @@ lib:
 test: setup
 	@set +e; $(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The whole fault matrix (tests/test_faults_net.py, root); `make test` runs its short form.
+# One JSON row per scenario goes to $(FAULTS_JSON); PICO_FAULTS_SEED=N repeats a run's moments.
+FAULTS_JSON ?= build/faults.jsonl
+test-faults: setup
+	@mkdir -p $(dir $(FAULTS_JSON)); rm -f $(FAULTS_JSON); set +e; \
+	PICO_FAULTS=full PICO_FAULTS_JSON=$(abspath $(FAULTS_JSON)) \
+	    $(VPY) -m pytest -m faults tests/test_faults_net.py $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc = 5 ]; then echo "make test-faults: pytest collected no tests" >&2; exit 1; fi; \
+	[ -s $(FAULTS_JSON) ] && $(VPY) tests/test_faults_net.py $(FAULTS_JSON); exit $$rc
 
 demo: setup
 	$(VENV)/bin/pico-demo --config configs/demo.yaml

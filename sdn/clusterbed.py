@@ -313,7 +313,12 @@ class Cluster:
         from shared.control import wait_until_serving
         smm = subprocess.Popen([sys.executable, "-m", "smm", "--config", str(self.path),
                                 "--replica", r], cwd=REPO, stderr=self._log(f"{r}-smm"))
-        wait_until_serving(self.cfg.replica(r).smm_endpoint, smm, 30, "pico-smm")
+        try:
+            wait_until_serving(self.cfg.replica(r).smm_endpoint, smm, 30, "pico-smm")
+        except BaseException:  # not in self.procs yet: stop() would not find it
+            smm.kill()
+            smm.wait(5)
+            raise
         return smm
 
     def _start_replica(self, r: str) -> None:

@@ -176,6 +176,12 @@ class Controller:
             self.last_beat[r] = max(self.last_beat[r], now)
         return [Reroute(self.primaries(), view)]
 
+    def pause(self, seconds: float) -> None:
+        """This controller did not run for `seconds` (SIGSTOP, a starved CPU): the replicas'
+        silence meanwhile is no evidence (their beats are still queued), so it does not count."""
+        for r in self.last_beat:
+            self.last_beat[r] += seconds
+
     def on_link(self, replica: str, up: bool, now: float) -> list[Action]:
         if up or replica not in self.last_beat:
             return []

@@ -362,8 +362,15 @@ class SdnServer:
         for c in list(self.smm.values()) + list(self.rm.values()):
             poller.register(c._sock, zmq.POLLIN)
         while not stop.is_set():
+            before = time.monotonic()
             ready = dict(poller.poll(20))
             now = time.monotonic()
+            if now - before > 0.02 + self.core.heartbeat_timeout / 2:
+                # This process did not run (stopped, starved): the beats sent meanwhile are
+                # still on their way, so silence judged now would fail live replicas.
+                self.core.pause(now - before - 0.02)
+                self.log.warning(f"the controller did not run for {now - before:.3f} s: "
+                                 "that silence of the replicas does not count")
             if self.sock in ready:
                 self._take_events()
             self._collect(now)

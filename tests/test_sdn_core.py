@@ -208,3 +208,16 @@ def test_scale_out_moves_the_newcomers_buckets_live():
         acts = c.on_reprotected(r, 3, 1.6)
     assert acts[0].kind == "scale-out" and c.alive == {"r1", "r2", "r3", "r4"}
     assert c.scale_out("r4", 2.0) == []                     # already in
+
+
+def test_the_controllers_own_pause_is_not_the_replicas_silence():
+    """pico-sdn SIGSTOPped (or starved) for 2.5 s: the beats sent meanwhile are still queued
+    when it runs again; its loop pauses the clock so nobody fails for that (the fault matrix
+    found every replica failed after a SIGSTOP/SIGCONT of pico-sdn)."""
+    c = ctl()
+    beat_all(c, 1.0)
+    c.pause(2.5)
+    assert c.tick(3.5) == []                       # the queued beats come in right after
+    beat_all(c, 3.6, but=("r3",))
+    acts = c.tick(3.85)                            # r3 really is silent: failed as usual
+    assert kinds(acts)[0] == "Failed" and acts[0].replica == "r3"
