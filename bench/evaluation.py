@@ -98,15 +98,15 @@ policies:
 """
 
 
-def table3(quick: bool, plot: Path | None) -> tuple[list[dict], dict]:
+def table3(quick: bool) -> tuple[list[dict], dict]:
     runs, secs, warmup, nconn = (2, 4.0, 1.5, 16) if quick else (3, 10.0, 2.0, 16)
     modes = [("no-ha", dict(ha=False)), ("pico-1000hz", dict(ha=True, frequency_hz=1000)),
              ("pico-1group-1000hz", dict(ha=False, groups=ONE_GROUP)),
              ("whole-box-100hz", dict(ha=False, groups=WHOLE_BOX_100))]
     raw = {}
-    for mode, kw in modes:
+    for k, (mode, kw) in enumerate(modes):
         with tempfile.TemporaryDirectory(prefix="pico-bench-t3-") as tmp:
-            bed = _bed(Path(tmp), f"t3{mode[0]}", **kw)
+            bed = _bed(Path(tmp), f"t3m{k}", **kw)
             try:
                 per_run = []
                 for i in range(runs):
@@ -143,19 +143,6 @@ def table3(quick: bool, plot: Path | None) -> tuple[list[dict], dict]:
             result(f"table3 {mode}: broken connections", m["errors"], "conns",
                    base["errors"], "no HA"),
         ]
-    if plot:
-        from sdn.plot import chart
-        names = [m for m, _ in modes]
-        labels = ["NO HA", "PICO 1000HZ", "1 GROUP 1000HZ", "WHOLE-BOX 100HZ"]
-        chart([{"title": "Table 3: transactions per second (mean of runs)", "y": "txn/s",
-                "x": labels,
-                "series": [{"name": "txn/s", "values": [raw[n]["txn_per_s_mean"]
-                                                        for n in names]}]},
-               {"title": "Table 3: latency p95", "y": "ms",
-                "x": labels,
-                "series": [{"name": "p95", "values": [raw[n]["p95_ms_mean"] for n in names]},
-                           {"name": "p50", "values": [raw[n]["p50_ms_mean"] for n in names]}]}],
-              plot)
     return rows, {"connections": nconn, "runs": runs, "secs": secs, "warmup": warmup,
                   "request": HTTP_REQ, "response": RESP, "seed": SEED, "modes": raw}
 
@@ -180,7 +167,7 @@ def _conns9(n: int, base_sport: int) -> list[dict]:
     return out
 
 
-def fig9(quick: bool, plot: Path | None) -> tuple[list[dict], dict]:
+def fig9(quick: bool) -> tuple[list[dict], dict]:
     counts, secs, warmup = ((20, 60), 4.0, 1.5) if quick else ((20, 40, 60, 80, 100), 8.0, 2.0)
     raw: dict = {}
     for mode, kw in (("no-ha", dict(ha=False)), ("streams", dict(ha=False, groups=STREAMS_9))):
@@ -212,15 +199,6 @@ def fig9(quick: bool, plot: Path | None) -> tuple[list[dict], dict]:
         rows.append(result(f"fig9 {n} flows: broken connections",
                            s["high"]["errors"] + s["low"]["errors"], "conns",
                            b["high"]["errors"] + b["low"]["errors"], "no HA"))
-    if plot:
-        from sdn.plot import chart
-        chart([{"title": "Fig 9: latency p95 per class", "y": "ms", "x": list(counts),
-                "series": [{"name": f"{c} {m}", "values": [raw[m][n][c]["p95_ms"]
-                                                          for n in counts]}
-                           for c in ("high", "low") for m in ("streams", "no-ha")]},
-               {"title": "Fig 9: Pico CPU", "y": "% of a core", "x": list(counts),
-                "series": [{"name": m, "values": [raw[m][n]["pico_cpu_pct"] for n in counts]}
-                           for m in ("streams", "no-ha")]}], plot)
     return rows, {"flows": list(counts), "low_rate": LOW_RATE, "high_rate": HIGH_RATE,
                   "request": REQ_9, "secs": secs, "modes": raw}
 
@@ -233,7 +211,7 @@ policies:
 """
 
 
-def fig10(quick: bool, plot: Path | None) -> tuple[list[dict], dict]:
+def fig10(quick: bool) -> tuple[list[dict], dict]:
     freqs = (100, 1000, 2000) if quick else (100, 200, 500, 1000, 2000)
     loads, secs, warmup, nconn = ((200, 600), 4.0, 1.5, 32) if quick else \
         ((200, 400, 800), 6.0, 2.0, 32)
@@ -279,18 +257,6 @@ def fig10(quick: bool, plot: Path | None) -> tuple[list[dict], dict]:
                             s["pico_cpu_pct"], "%", b["pico_cpu_pct"], "unprotected"),
                      result(f"fig10 {f} Hz @{load} txn/s: achieved transactions/s",
                             s["txn_per_s"], "txn/s", b["txn_per_s"], "unprotected")]
-    if plot:
-        from sdn.plot import chart
-        names = {0: "unprotected", **{f: f"{f} HZ" for f in freqs}}
-        chart([{"title": "Fig 10a: latency p95 vs offered load", "y": "ms",
-                "x": [f"{ld}/S" for ld in loads],
-                "series": [{"name": names[f], "values": [raw[f][ld]["p95_ms"] for ld in loads]}
-                           for f in (0, *freqs)]},
-               {"title": "Fig 10b: Pico CPU", "y": "% of a core",
-                "x": [f"{ld}/S" for ld in loads],
-                "series": [{"name": names[f], "values": [raw[f][ld]["pico_cpu_pct"]
-                                                         for ld in loads]}
-                           for f in (0, *freqs)]}], plot)
     return rows, {"frequencies": list(freqs), "loads": list(loads), "connections": nconn,
                   "secs": secs, "request": 1024,
                   "results": {str(f): v for f, v in raw.items()}}
@@ -311,7 +277,7 @@ def groups_yaml(n: int) -> str:
     return f"groups:\n{g}\npolicies:\n{p}\n"
 
 
-def fig11(quick: bool, plot: Path | None) -> tuple[list[dict], dict]:
+def fig11(quick: bool) -> tuple[list[dict], dict]:
     counts, secs, warmup = ((1, 8, 64), 4.0, 1.5) if quick else \
         ((1, 2, 4, 8, 16, 32, 64), 8.0, 2.0)
     raw: dict = {}
@@ -348,21 +314,6 @@ def fig11(quick: bool, plot: Path | None) -> tuple[list[dict], dict]:
                         b["pico_cpu_pct"], "no HA"),
                  result(f"fig11 {n} groups: replication CPU (r1 RM + backup SMMs)",
                         s["replication_cpu_pct"], "%", b["replication_cpu_pct"], "no HA")]
-    if plot:
-        from sdn.plot import chart
-        chart([{"title": "Fig 11a: latency (geometric mean, p95) at 1000 HZ", "y": "ms",
-                "x": list(counts),
-                "series": [{"name": "geomean", "values": [raw[n]["geomean_ms"] for n in counts]},
-                           {"name": "p95", "values": [raw[n]["p95_ms"] for n in counts]},
-                           {"name": "no HA geomean", "values": [b["geomean_ms"]] * len(counts)},
-                           {"name": "no HA p95", "values": [b["p95_ms"]] * len(counts)}]},
-               {"title": "Fig 11b: CPU vs number of groups", "y": "% of a core",
-                "x": list(counts),
-                "series": [{"name": "pico", "values": [raw[n]["pico_cpu_pct"] for n in counts]},
-                           {"name": "replication", "values": [raw[n]["replication_cpu_pct"]
-                                                              for n in counts]},
-                           {"name": "no HA", "values": [b["pico_cpu_pct"]] * len(counts)}]}],
-              plot)
     return rows, {"groups": list(counts), "flows": FLOWS_11, "rate_per_flow": RATE_11,
                   "request": REQ_11, "secs": secs,
                   "results": {str(n): v for n, v in raw.items()}}
@@ -385,7 +336,10 @@ def run(name: str, quick: bool, out_dir: Path | None) -> list[dict]:
               file=sys.stderr)
         return []
     plot = (out_dir / f"{name}.png") if out_dir else None
-    rows, raw = FIGURES[name](quick, plot)
+    rows, raw = FIGURES[name](quick)
+    if plot:
+        from bench.plots import PLOTS
+        PLOTS[name](raw, plot)
     invalid = _count_invalid(raw)
     rows.append(result(f"{name}: runs that failed over or lost protection", invalid, "runs",
                        0, "expected"))

@@ -33,7 +33,7 @@ def run_one(name: str, quick: bool, out_dir: Path | None = None) -> list[dict] |
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pico-bench", description=__doc__)
     ap.add_argument("name", choices=BENCHES + ["all"])
-    ap.add_argument("--quick", action="store_true", help="finish in under 5 minutes")
+    ap.add_argument("--quick", action="store_true", help="shorter runs and fewer points")
     ap.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     args = ap.parse_args(argv)
     names = BENCHES if args.name == "all" else [args.name]

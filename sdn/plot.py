@@ -133,7 +133,8 @@ def chart(panels: list[dict], path, width: int = 900, panel_h: int = 240) -> Non
             v = y_max * k / 4
             text(img, 2, y - 3, f"{v:.0f}" if v >= 10 else f"{v:.1f}")
         n = len(p["x"])
-        xs = [left + 20 + (right - left - 40) * j // max(1, n - 1) for j in range(n)]
+        pad = 20 + 3 * max(len(str(label)) for label in p["x"])  # (room for the labels)
+        xs = [left + pad + (right - left - 2 * pad) * j // max(1, n - 1) for j in range(n)]
         for x, label in zip(xs, p["x"]):
             img[bottom:bottom + 3, x] = 0
             text(img, x - 3 * len(str(label)), bottom + 6, str(label))
