@@ -220,6 +220,8 @@ class Admin:
                 s.groups[group].set_frequency(freq, now)
         if buffering is not None:
             s.buffering[group] = buffering
+        if "target" in req:
+            s.lost.pop(group, None)  # (the operator decides now, not the probe)
         if "target" in req and tid != s.targets.get(group, 0):
             old = s.targets.get(group)
             if tid:

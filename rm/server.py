@@ -36,6 +36,7 @@ from .epochs import (RUNNING, Capture, Commit, GroupEpochs, OpenEpoch, Resume, S
 from .events import ControllerEvents
 
 IDLE_MAX_S = 0.1  # an idle group still takes an epoch this often
+PROBE_S = 1.0     # a group that lost its backup asks it this often whether it is back
 
 
 class RmServer:
@@ -66,6 +67,15 @@ class RmServer:
         # the RM sleeps on its doorbell (ABI 1.3) instead of waking every period to look.
         self._dormant: set[int] = set()
         self.bell_sleeps = 0
+        # Groups unprotected because their backup stopped answering (not by an operator or a
+        # view): group -> (target, frequency). The backup is probed (PING) every PROBE_S while
+        # the view still has it alive; when it answers, the group is protected again (a FULL
+        # snapshot first). A partition that heals thus heals protection too.
+        self.lost: dict[int, tuple[int, int]] = {}
+        self.probes: dict[tuple[int, int], float] = {}  # (target, seq) -> sent at
+        self.next_probe = 0.0
+        self.reprotected_total = 0
+        self._mb_progress: dict[int, tuple[int, float]] = {}  # group -> (pkts_read, since)
         self.held: set[int] = set()  # an operator change holds the group: epochs run, no resume
         self.unprotected_total = 0
         self.events = ControllerEvents(config.control.controller_endpoint, self.log,
@@ -112,6 +122,7 @@ class RmServer:
         """Start (or restart) checkpointing `group` to replica `target`. The first epoch is
         a FULL snapshot: we do not know what the target holds."""
         self.forget(group)
+        self.lost.pop(group, None)
         self.client(target)
         row = self.seg.groups[self.ctl.index(group)]
         ge = GroupEpochs(group, frequency_hz, now, epoch=int(row["epoch"]),
@@ -131,6 +142,8 @@ class RmServer:
         self.ctl.set_control(g, protected_=0)
         self.forget(g)
         self.unprotected_total += 1
+        if target:
+            self.lost[g] = (target, ge.frequency_hz)
         peer = self.config.replica_by_id(target) if target else None
         self.log.error(f"group={g} unprotected: {reason}; held output released")
         self.events.report("group_unprotected", replica=self.replica.name, group=g,
@@ -142,6 +155,7 @@ class RmServer:
         """One pass: acks in, due groups stepped, drained groups captured together, sends out."""
         now = time.monotonic() if now is None else now
         self._collect_acks()
+        self._probe_lost(now)
         self.events.pump(now)
         if now >= self.next_beat:
             self.next_beat = now + self.beat_s
@@ -287,6 +301,10 @@ class RmServer:
             self.sent = {k: t for k, t in self.sent.items() if t > old}
         for target, client in self.clients.items():
             for reply in client.poll():
+                if self.probes.pop((target, reply.seq), None) is not None:
+                    if reply.status == wire.OK:
+                        self._backup_back(target)
+                    continue
                 if self.sent.pop((target, reply.seq), None) is None:
                     continue  # a late reply to a request already answered or given up on
                 if reply.status != wire.OK:
@@ -309,6 +327,37 @@ class RmServer:
                         self.log.warning(f"group={group} INSTALL refused by replica {target}: "
                                          f"{wire.ERROR_NAMES.get(status, status)}")
 
+    def _probe_lost(self, now: float) -> None:
+        """PING the backups of groups that lost them, if the view still counts them alive
+        (a backup the controller failed is replaced through the VIEW instead)."""
+        if not self.lost or now < self.next_probe:
+            return
+        self.next_probe = now + PROBE_S
+        _, mask = self.seg.membership()
+        for g in [g for g in self.lost if g not in self.seg.active_groups()]:
+            del self.lost[g]  # (deleted meanwhile)
+        self.probes = {k: t for k, t in self.probes.items() if now - t < 10 * PROBE_S}
+        for target in {t for t, _ in self.lost.values()}:
+            if mask and not mask >> (target - 1) & 1:
+                continue
+            seq = self.client(target).send(wire.PING)
+            if seq is not None:
+                self.probes[(target, seq)] = now
+
+    def _backup_back(self, target: int) -> None:
+        now = time.monotonic()
+        peer = self.config.replica_by_id(target)
+        for g, (t, freq) in list(self.lost.items()):
+            if t != target or g in self.groups:
+                continue
+            self.protect(g, target, freq, now)  # (a FULL snapshot first)
+            self.ctl.set_buffering(g, self.buffering.get(g, True))
+            self.reprotected_total += 1
+            self.log.warning(f"group={g} protected again: backup {peer.name} answers again "
+                             "(a full snapshot first)")
+            self.events.report("group_protected", replica=self.replica.name, group=g,
+                               target=peer.name, reason="backup answers again")
+
     def health(self) -> dict:
         """This replica as the controller should see it: every process alive and beating. A
         process that hangs while its link stays up is found here (fate-sharing stops the
@@ -325,12 +374,32 @@ class RmServer:
         mb = int(self.seg.desc["consumer_pid"])
         if mb and process_alive(mb):
             self._mb_seen = True
+            stalled = self._middlebox_stalled(now_ns / 1e9, stale_ns / 1e9)
+            if stalled:
+                problems.append(stalled)
         elif self._mb_seen:  # (before the first one attaches, the replica is starting)
             problems.append("the middlebox is gone")
         view, mask = self.seg.membership()
         alive = [r.name for r in self.config.replicas.values() if mask >> (r.id - 1) & 1]
         return {"replica": self.replica.name, "healthy": not problems,
                 "why": "; ".join(problems), "view": view, "alive": alive}
+
+    def _middlebox_stalled(self, now: float, stale_s: float) -> str | None:
+        """A middlebox that is alive but reads nothing while input waits (hung, stopped) is
+        found here: a group with packets queued whose pkts_read has not moved for stale_s.
+        Groups held on purpose (suspended: an epoch, an operator, a freeze) do not count."""
+        seen = self._mb_progress
+        for g, i in self.seg.active_groups().items():
+            row = self.seg.groups[i]
+            read, queued = int(row["pkts_read"]), len(self.seg.input_ring(i))
+            last = seen.get(g)
+            if last is None or last[0] != read or not queued or int(row["suspended"]):
+                seen[g] = (read, now)
+                continue
+            if now - last[1] > stale_s:
+                return (f"the middlebox has read nothing of group {g} for "
+                        f"{now - last[1]:.3f} s with {queued} packet(s) queued (hung?)")
+        return None
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until some group needs us (an epoch ends, or an ack may have timed out)."""
@@ -344,6 +413,8 @@ class RmServer:
             soonest = min((min(g.next_due, g.timeout_at) for g in groups), default=now + 0.5)
         if self.events.pending:
             soonest = min(soonest, now + 0.05)
+        if self.lost:
+            soonest = min(soonest, self.next_probe)
         if self.events.client is not None:
             soonest = min(soonest, self.next_beat)
         return max(0.0, min(soonest - now, 0.5))

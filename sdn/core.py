@@ -85,7 +85,16 @@ class FailoverDone:
     kind: str = FAILOVER
 
 
-Action = Union[Failed, Activate, Freeze, Handoff, Reroute, Reprotect, FailoverDone]
+@dataclass(frozen=True)
+class Isolated:
+    """Most replicas went silent at once: no failover on silence (logged once) until they
+    are heard again or their links go down."""
+    silent: tuple
+    heard: int
+    members: int
+
+
+Action = Union[Failed, Activate, Freeze, Handoff, Reroute, Reprotect, FailoverDone, Isolated]
 
 
 @dataclass
@@ -108,7 +117,7 @@ class Controller:
                  vnodes: int = 16, buckets: int = 16, activation_timeout: float = 1.0,
                  reprotect_timeout: float = 2.0, order: str = ORDER_ACTIVATE_FIRST,
                  startup_grace: float = 30.0, members=None, chord_groups=None,
-                 freeze_timeout: float = 10.0):
+                 freeze_timeout: float = 10.0, beat_interval: float = 0.1):
         if order not in (ORDER_ACTIVATE_FIRST, ORDER_REROUTE_FIRST):
             raise ValueError(f"unknown failover order {order!r}")
         self.replicas = sorted(replicas)
@@ -117,6 +126,8 @@ class Controller:
         self.chord_groups = dict(chord_groups or {})
         self.freeze_timeout = freeze_timeout
         self.heartbeat_timeout = heartbeat_timeout
+        # a member silent for longer than this is not counted as heard (see tick)
+        self.quiet_after = min(heartbeat_timeout / 2, 2 * beat_interval)
         self.activation_timeout = activation_timeout
         self.reprotect_timeout = reprotect_timeout
         self.vnodes, self.buckets, self.order = vnodes, buckets, order
@@ -131,6 +142,7 @@ class Controller:
         self.current: _Failover | None = None
         self.queue: list[_Failover] = []
         self.history: list[FailoverDone] = []
+        self.isolated = False  # most replicas went silent at once: we suspect our own partition
 
     # ---------------------------------------------------------------- placement
     def primaries(self, alive=None) -> tuple:
@@ -189,10 +201,35 @@ class Controller:
 
     def tick(self, now: float) -> list[Action]:
         out: list[Action] = []
-        for r in sorted(self.alive):
-            if r not in self.seen and now - self.started < self.startup_grace:
-                continue
-            if now - self.last_beat[r] > self.heartbeat_timeout:
+        stale = [r for r in sorted(self.alive)
+                 if (r in self.seen or now - self.started >= self.startup_grace)
+                 and now - self.last_beat[r] > self.heartbeat_timeout]
+        # Evidence (a replica reporting itself unhealthy) fails a replica. Silence alone is
+        # ambiguous: the replica died, or we are cut off from it. If we hear fewer replicas
+        # than have gone silent (all of them, say), the likelier story is our own partition:
+        # failing them would steer traffic away from healthy middleboxes, or around all of
+        # them. So silence fails replicas only while we hear at least as many as are silent,
+        # and at least one (the last replica is never failed on silence).
+        # (A partition silences everyone at once, but their timeouts expire a beat or so
+        # apart: a member that missed two beats is not counted as heard.)
+        silent = [r for r in stale if r not in self.unhealthy]
+        quiet = [r for r in sorted(self.alive) if r not in self.unhealthy
+                 and now - self.last_beat[r] > self.quiet_after]
+        heard = len(self.alive) - len(quiet)
+        quorum = heard >= max(1, len(quiet))
+        if silent and not quorum:
+            if not self.isolated:
+                out.append(Isolated(tuple(quiet), heard, len(self.alive)))
+            self.isolated = True
+        elif self.isolated and quorum:
+            # Healed: members still silent get one more timeout from now (after a partition
+            # their transport may be backing off: TCP retransmits late), then are judged.
+            self.isolated = False
+            for r in silent:
+                self.last_beat[r] = now
+            stale = [r for r in stale if r in self.unhealthy]
+        for r in stale:
+            if r in self.unhealthy or quorum:
                 why = (f"unhealthy: {self.unhealthy[r]}" if r in self.unhealthy else
                        f"no heartbeat for {now - self.last_beat[r]:.3f} s")
                 out += self._suspect(r, why, now, self.last_beat[r])

@@ -27,8 +27,8 @@ from shared.control import AsyncControl
 from shared.errors import PicoError, WireError
 from shared.security import CONTROLLER, Keyring
 
-from .core import (Activate, Controller, Failed, FailoverDone, Freeze, Handoff, Reprotect,
-                   Reroute, ORDER_ACTIVATE_FIRST)
+from .core import (Activate, Controller, Failed, FailoverDone, Freeze, Handoff, Isolated,
+                   Reprotect, Reroute, ORDER_ACTIVATE_FIRST)
 from .steering import Port, Topology, faucet_config
 
 
@@ -99,6 +99,7 @@ class SdnServer:
                                vnodes=sdn.vnodes, buckets=sdn.buckets,
                                activation_timeout=sdn.activation_timeout_ms / 1000.0, order=order,
                                members=sdn.members,
+                               beat_interval=config.control.heartbeat_interval_ms / 1000.0,
                                chord_groups={r.name: sdn.CHORD_GROUP_BASE + r.id
                                              for r in config.replicas.values()}
                                if sdn.placement == "chords" else None)
@@ -155,6 +156,12 @@ class SdnServer:
             if isinstance(a, Failed):
                 self.log.error(f"replica {a.replica} failed ({a.reason}): failing over, view "
                                f"{a.view}")
+            elif isinstance(a, Isolated):
+                self.log.error(f"{', '.join(a.silent)} silent at once while only {a.heard} of "
+                               f"{a.members} replica(s) are heard: this controller is likelier "
+                               "cut off than they are all dead; no failover on silence until "
+                               "they are heard again (a link down or an unhealthy report "
+                               "still fails a replica); check the control network")
             elif isinstance(a, Activate):
                 if self.activate_delay and not getattr(a, "_due", False):
                     self.deferred.append((now + self.activate_delay, a))

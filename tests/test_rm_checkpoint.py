@@ -355,3 +355,25 @@ def test_an_idle_rm_sleeps_on_its_doorbell_and_a_queued_packet_wakes_it(pair):
             t.join(5)
     finally:
         rm.close()
+
+
+def test_a_middlebox_that_reads_nothing_while_input_waits_makes_the_replica_unhealthy(pair):
+    """A hung middlebox (SIGSTOP, a deadlock) is alive, so only its progress tells: packets
+    queued in a group and pkts_read not moving. The RM's health report says so (and the
+    controller fails the replica over on it); reading again makes it healthy."""
+    store, ingress, releaser, cfg, backup, flows, mb = pair
+    rm = RmServer(cfg, "r1")
+    try:
+        assert rm.health()["healthy"], rm.health()
+        ingress.on_packet(1, ipv4("10.0.0.1", "10.0.1.1", 6, 43000, 80))
+        stale = 3 * rm.beat_s
+        deadline = time.monotonic() + stale + 5
+        while rm.health()["healthy"]:               # not read: the stall is found
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert "read nothing of group" in rm.health()["why"]
+        pkt = mb.pkt_read(timeout=2)                # it reads again
+        mb.pkt_write(pkt)
+        assert rm.health()["healthy"], rm.health()
+    finally:
+        rm.close()

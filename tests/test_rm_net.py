@@ -177,3 +177,41 @@ def test_a_dead_backup_unprotects_the_group_and_tells_the_controller(rig_factory
     assert len([e for e in later if e.body == body]) <= 1, [e.body for e in later]
     assert all(e.body.get("event") == "group_unprotected" for e in later), \
         [e.body for e in later]
+
+
+def test_a_backup_that_answers_again_gets_its_group_back(rig_factory):
+    """The backup hangs (or the control network drops its traffic) long enough for the group
+    to be given up; when it answers again, the RM's probe finds it and protects the group
+    again by itself: a FULL snapshot, output held again until acknowledged, the controller
+    told. (Before, only an operator's `group set --target` did.)"""
+    rig = rig_factory(request_timeout_ms=300)
+    sink = Sink(rig.bed)
+    rig.send_all("a", 5, 0.01)
+    sink.expect_all("a", NFLOWS, 5, 10, rig.diag)
+    r2 = rig.smm2.proc.pid
+    os.kill(r2, signal.SIGSTOP)
+    try:
+        rig.send_all("b", 5, 0.01)
+        ev = until(lambda: rig.controller.recv(0.1), 10, lambda: rig.rm_log()[-3000:])
+        assert ev.body.get("event") == "group_unprotected", ev.body
+        rig.controller.reply(ev, {"ok": True})
+        until(lambda: rig.word("protected_") == 0, 5, lambda: rig.rm_log()[-2000:])
+    finally:
+        os.kill(r2, signal.SIGCONT)
+    sink.expect_all("b", NFLOWS, 5, 10, rig.diag)
+
+    def protected_event():
+        for e in rig.controller.drain():            # (each answered)
+            if e.body.get("event") == "group_protected":
+                return e.body
+        return None
+    body = until(protected_event, 10, lambda: rig.rm_log()[-3000:])
+    assert {k: body.get(k) for k in ("replica", "group", "target", "reason")} == \
+        {"replica": "r1", "group": WEB, "target": "r2", "reason": "backup answers again"}, body
+    until(lambda: rig.word("protected_") == 1 and rig.word("buffering") == 1, 5,
+          lambda: rig.rm_log()[-2000:])
+    rig.send_all("c", 5, 0.01)                    # held again, and released on its commits
+    sink.expect_all("c", NFLOWS, 5, 10, rig.diag)
+    assert rig.stats()["protected"] is True
+    assert violations(web_audit(rig, 3 * NFLOWS * 5)) == []
+    assert rig.rm.poll() is None

@@ -219,5 +219,64 @@ def test_the_controllers_own_pause_is_not_the_replicas_silence():
     c.pause(2.5)
     assert c.tick(3.5) == []                       # the queued beats come in right after
     beat_all(c, 3.6, but=("r3",))
+    beat_all(c, 3.8, but=("r3",))
     acts = c.tick(3.85)                            # r3 really is silent: failed as usual
     assert kinds(acts)[0] == "Failed" and acts[0].replica == "r3"
+
+
+def test_silence_of_most_replicas_at_once_is_our_partition_not_their_death():
+    """A control-network partition: every replica is silent together. Failing them all would
+    steer traffic around every middlebox (the fault matrix saw it): the controller reports
+    its isolation once and fails nobody; when they are heard again nothing has changed."""
+    c = ctl()
+    beat_all(c, 1.0)
+    acts = c.tick(1.5)                               # all three silent for 0.5 s
+    assert [type(a).__name__ for a in acts] == ["Isolated"]
+    assert acts[0].silent == ("r1", "r2", "r3") and acts[0].heard == 0
+    assert c.tick(1.8) == [] and c.alive == {"r1", "r2", "r3"}   # reported once
+    # the silences expire a beat apart: the first one to time out is not failed either
+    c2 = ctl()
+    beat_all(c2, 1.0)
+    beat_all(c2, 1.05, but=("r1",))
+    assert kinds(c2.tick(1.31)) == ["Isolated"] and c2.alive == {"r1", "r2", "r3"}
+    beat_all(c, 2.0)
+    assert c.tick(2.1) == [] and c.view == 1 and not c.isolated
+    # two of three silent: still the likelier partition (1 heard < 2 silent)
+    beat_all(c, 3.0, but=("r1", "r2"))
+    beat_all(c, 3.3, but=("r1", "r2"))
+    assert kinds(c.tick(3.4)) == ["Isolated"] and c.alive == {"r1", "r2", "r3"}
+    # ...but a link down is evidence, and still fails a replica
+    assert kinds(c.on_link("r1", False, 3.5))[0] == "Failed"
+
+
+def test_one_silent_replica_of_two_still_fails_over_and_the_last_one_never_on_silence():
+    c = ctl()
+    beat_all(c, 1.0)
+    beat_all(c, 1.3, but=("r1",))
+    assert kinds(c.tick(1.4))[0] == "Failed"         # 2 heard >= 1 silent
+    c2 = Controller(["r1"], 0.0, heartbeat_timeout=0.3)
+    c2.on_heartbeat("r1", 1.0)
+    assert kinds(c2.tick(2.0)) == ["Isolated"] and c2.alive == {"r1"}
+
+
+def test_an_unhealthy_report_fails_a_replica_even_while_others_are_silent():
+    c = ctl()
+    beat_all(c, 1.0)
+    c.on_heartbeat("r1", 1.1, healthy=False, why="smm heartbeat 2.0 s old")
+    acts = c.tick(1.5)            # r1 stale with evidence; r2, r3 silent (no quorum)
+    assert "Failed" in kinds(acts) and c.alive == {"r2", "r3"}
+
+
+def test_after_a_partition_heals_a_late_member_gets_one_more_timeout_then_is_judged():
+    c = ctl()
+    beat_all(c, 1.0)
+    assert kinds(c.tick(1.5)) == ["Isolated"]
+    beat_all(c, 3.0, but=("r1",))        # healed, but r1's transport is still backing off
+    assert c.tick(3.05) == [] and c.alive == {"r1", "r2", "r3"} and not c.isolated
+    beat_all(c, 3.2, but=("r1",))
+    assert c.tick(3.3) == []             # within its new timeout
+    c.on_heartbeat("r1", 3.32)           # it is back
+    beat_all(c, 3.5, but=("r1",))
+    beat_all(c, 3.6, but=("r1",))
+    acts = c.tick(3.65)                  # ...and then silent for real: failed as usual
+    assert kinds(acts)[0] == "Failed" and acts[0].replica == "r1"
