@@ -128,6 +128,8 @@ class SdnServer:
         # and logged, and the controller goes on).
         self.requests: Counter = Counter()
         self.errors: Counter = Counter()
+        from .metrics import SdnMetrics  # (after every counter it reads exists)
+        self.metrics = SdnMetrics(sdn.metrics_port, self)
         # A (re)started controller first listens for one heartbeat timeout: replicas report
         # the view they act on, and a restarted controller adopts it instead of steering
         # the configured membership over a cluster that has moved on.
@@ -400,6 +402,7 @@ class SdnServer:
         self.sock.close(linger=0)
         if self.gate is not None:
             self.gate.close()
+        self.metrics.close()
 
 
 def run(config, order: str = ORDER_ACTIVATE_FIRST, activate_delay: float = 0.0) -> int:

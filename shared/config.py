@@ -143,6 +143,7 @@ class SdnConfig:
     hosts: dict[str, SdnHost] = dataclasses.field(default_factory=dict)
     members: list | None = None
     faucet: FaucetConfig = dataclasses.field(default_factory=FaucetConfig)
+    metrics_port: int | None = None
 
     CHORD_GROUP_BASE = 1000  # chords: group "to-<replica>" has id 1000 + replica id
 
@@ -404,6 +405,8 @@ SDN = Section({
     "members": Field((list, type(None)), None, doc="replicas on the ring at start (default: "
                      "all); the others can join later (picoctl scale-out)"),
     "faucet": Field(FAUCET, {}),
+    "metrics_port": Field(_OPT_INT, None, _PORT, "Prometheus metrics port of pico-sdn "
+                          "(127.0.0.1)"),
 }, SdnConfig)
 
 def shm_mode(v: int | None) -> str | None:
@@ -687,7 +690,13 @@ def _check_references(cfg: ClusterConfig, raw: Any) -> None:
                               "replica serves metrics on metrics_port .. metrics_port+2 (SMM, "
                               "PMM, RM); space them at least 3 apart", cfg.path,
                               _line_at(raw, key), key)
+    sdn_port = cfg.sdn.metrics_port if cfg.sdn is not None else None
     for p, name in ports:
+        if sdn_port is not None and p <= sdn_port <= p + 2:
+            key = "sdn.metrics_port"
+            raise ConfigError(f"sdn.metrics_port {sdn_port} is one of replica {name}'s metrics "
+                              f"ports ({p}..{p + 2}: SMM, PMM, RM); pick another", cfg.path,
+                              _line_at(raw, key), key)
         if p > 65533:
             key = f"replicas.{name}.metrics_port"
             raise ConfigError(f"metrics_port {p} leaves no room for the PMM (+1) and RM (+2) "

@@ -375,3 +375,18 @@ def test_sdn_errors_are_located(tmp_path):
     expect_error(tmp_path, _with_switch(BASE) + odd, 23, "sdn.buckets", "power of two")
     taken = _with_switch(BASE).replace("    id: 1\n    target: r2", "    id: 1002\n    target: r2")
     expect_error(tmp_path, taken + SDN, 17, "groups.web", "clashes with the chords group")
+
+
+def test_sdn_metrics_port_must_not_be_one_of_a_replicas_three():
+    from shared.config import parse_config
+    from shared.errors import ConfigError
+    text = """version: 1
+cluster: {name: t}
+replicas:
+  r1: {id: 1, smm_endpoint: "tcp://127.0.0.1:7001", metrics_port: 9400}
+sdn: {placement: streams, metrics_port: PORT}
+"""
+    assert parse_config(text.replace("PORT", "9403")).sdn.metrics_port == 9403
+    with pytest.raises(ConfigError) as e:
+        parse_config(text.replace("PORT", "9402"))
+    assert "sdn.metrics_port" in str(e.value) and "9400..9402" in str(e.value)

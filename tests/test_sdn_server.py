@@ -17,7 +17,9 @@ from shared.flowtable import ACTIVE, STANDBY
 
 def test_a_silent_replica_is_failed_over_to_the_survivors(tmp_path, smm_factory):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    extra = "sdn: {client_subnet: 10.70.0.0/24, heartbeat_timeout_ms: 300, buckets: 8}\n"
+    mport = free_port()
+    extra = ("sdn: {client_subnet: 10.70.0.0/24, heartbeat_timeout_ms: 300, buckets: 8, "
+             f"metrics_port: {mport}}}\n")
     cfg = write_config(tmp_path, replicas=3, extra=extra, controller=endpoint)
     smm_factory(cfg, "r2")
     smm_factory(cfg, "r3")
@@ -63,6 +65,17 @@ def test_a_silent_replica_is_failed_over_to_the_survivors(tmp_path, smm_factory)
         beat.send_multipart([b"", b"garbage"])
         assert wire.decode(beat.recv_multipart()[-1], 1 << 20).status == wire.ERR_TRUNCATED
         assert t.is_alive()
+        # and its metrics say all of it (sdn.metrics_port)
+        import urllib.request
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
+        m = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+             for line in text.decode().splitlines() if line and not line.startswith("#")}
+        assert m["pico_sdn_view"] == 2 and m["pico_sdn_isolated"] == 0, m
+        assert m['pico_sdn_member_alive{replica="r1"}'] == 0
+        assert m['pico_sdn_member_alive{replica="r2"}'] == 1
+        assert m['pico_sdn_operations_total{kind="failover"}'] == 1
+        assert m['pico_sdn_request_errors_total{error="truncated"}'] >= 1, m
+        assert m['pico_sdn_requests_total{type="event"}'] >= 3, m
     finally:
         stop.set()
         t.join(5)
