@@ -74,6 +74,10 @@ def capture(table: FlowTable, groups: Iterable[int], full: Iterable[int] = ()) -
     # (a copy first: writers set hints while we look, and np.nonzero on memory that changes
     # under it raises "number of non-zero array elements changed")
     rows, cols = np.nonzero(hints.copy())
+    if not len(rows) and not full:  # nothing marked: no flow of any group changed
+        recs = _records(table, np.zeros(0, np.int64))
+        empty = Captured(recs, np.zeros(0, np.int64))
+        return {g: empty for g in groups}
     hints[rows, cols] = 0
     fence()  # the clears are visible before we read modified (pico_abi.h, "Dirty hints")
     block = table.g.slots_per_stripe // DIRTY_BLOCKS
@@ -81,7 +85,9 @@ def capture(table: FlowTable, groups: Iterable[int], full: Iterable[int] = ()) -
     idx = (hinted[:, None] * block + np.arange(block)).ravel()
     status, grp = s["status"][idx], s["group"][idx]
     cand = (s["modified"][idx] == 1) & ((status == ACTIVE) | (status == TOMBSTONE))
-    mine = cand & np.isin(grp, list(groups))
+    # (one group, the common case: a comparison, not a set test)
+    mine = cand & ((grp == next(iter(groups))) if len(groups) == 1 else
+                   np.isin(grp, list(groups)))
     others = cand & ~mine
     if others.any():  # hints of groups we did not take are set again (a plain store of 1)
         again = np.unique(idx[others] // block)
@@ -93,6 +99,9 @@ def capture(table: FlowTable, groups: Iterable[int], full: Iterable[int] = ()) -
         keep = ~np.isin(chosen, everything)
         chosen = np.concatenate([chosen[keep], everything])
         chosen_groups = np.concatenate([chosen_groups[keep], s["group"][everything]])
+    if len(groups) == 1:  # (no sort, no cut: every chosen slot is the group's)
+        (g,) = groups
+        return {g: Captured(_records(table, chosen), chosen)}
     # one record array for all the groups, cut into per-group slices (views)
     order = np.argsort(chosen_groups, kind="stable")
     chosen, chosen_groups = chosen[order], chosen_groups[order]
