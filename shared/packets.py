@@ -637,12 +637,21 @@ class GroupControl:
             self._ring_out = True
 
     def ring_bells(self) -> None:
+        """The pass's deferred doorbells, rung only for a sleeper (pico_abi.h, "Doorbells"):
+        the resumes and commits are stored, a fence, then the waiting words. A busy PMM or
+        middlebox sees them in its own loop; waking it 1000 times a second for nothing cost
+        it a system call and a rescan each time."""
+        if not (self._ring_out or self._ring_in):
+            return
+        fence()
         if self._ring_out:
             self._ring_out = False
-            self._out_bell.release()
+            if self._w32[OUT_WAITING >> 2]:
+                self._out_bell.release()
         if self._ring_in:
             self._ring_in = False
-            self._in_bell.release()
+            if self._w32[IN_WAITING >> 2]:
+                self._in_bell.release()
 
     def quiescent(self, group: int) -> bool:
         """Every packet the middlebox read from the group is finished (pico_abi.h, output

@@ -191,7 +191,8 @@
  * its rings once more, and only then waits on the semaphore, clearing the word when it wakes; a
  * producer publishes its packet, issues a full fence, and posts the doorbell only if the
  * waiting word is set. (Either the producer sees the word, or the consumer's rescan sees the
- * packet.) The RM posts unconditionally when it resumes a group or advances a commit.
+ * packet.) The RM follows the same rule for the resumes and commits of its epochs (once per
+ * pass, after a fence); it posts unconditionally only for rare operator changes.
  *
  * Packet metadata flags (pico_pkt_meta.flags):
  *   PICO_PKT_NEW       the PMM had not seen the flow before (classified by policy)
