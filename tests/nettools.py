@@ -74,3 +74,17 @@ Lines = clusterbed.Lines  # one line collector for the tests, the bench and the 
 def spawn(bed, role: str, argv: list[str], stderr=subprocess.PIPE) -> tuple[subprocess.Popen, Lines]:
     proc = bed.exec(role, argv, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO)
     return proc, Lines(proc.stdout)
+
+
+def wait_line(proc, timeout: float) -> str:
+    """The child's next stdout line within `timeout` s ("" if none came, or it exited)."""
+    import select
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if r:
+            return proc.stdout.readline()
+        if proc.poll() is not None:
+            break
+    return ""

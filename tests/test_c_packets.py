@@ -3,7 +3,6 @@ segment (PacketStore), Ingress queueing packets and Releaser applying output com
 test tool (tests/c/pkttool) or the example middleboxes (examples/) as the middlebox process."""
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pktbuild import dns, other, web
 from shared import abi
 from shared.errors import AttachError
 from shared.packets import attach_packets
+from nettools import wait_line
 
 pytestmark = pytest.mark.cbuild
 
@@ -318,15 +318,6 @@ def test_c_attach_errors(env, tools, smm_factory):
 
 
 # ------------------------------------------------------------------------------------ examples
-def _wait_line(proc, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if r:
-            return proc.stdout.readline()
-        if proc.poll() is not None:
-            break
-    return ""
 
 
 @pytest.mark.parametrize("with_flows", [False, True], ids=["packets", "flows"])
@@ -344,7 +335,7 @@ def test_passthrough_examples(env, tools, smm_factory, lang, with_flows):
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        line = _wait_line(proc, 15)
+        line = wait_line(proc, 15)
         assert line.strip() == "ready", (line, proc.poll(), proc.stderr.read() if proc.poll()
                                          is not None else "")
         # Two flows, ten packets each, in two batches (the rings hold 16): the first held

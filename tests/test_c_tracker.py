@@ -5,7 +5,6 @@ verdicts, the same RSTs, the same counts and the same flow state (four little-en
 import importlib.util
 import json
 import os
-import select
 import signal
 import struct
 import subprocess
@@ -18,6 +17,7 @@ from pktbuild import ref_checksum
 from pmm.core import ACCEPT, DROP, QUEUED, SEND
 from pmm.parse import parse
 from shared.api import attach_replica, flow_segment_name
+from nettools import wait_line
 
 pytestmark = pytest.mark.cbuild
 
@@ -86,15 +86,6 @@ def built(cbuild):
     return os.path.join(REPO, "examples", "build", "tcptracker")
 
 
-def _wait_line(proc, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if r:
-            return proc.stdout.readline()
-        if proc.poll() is not None:
-            break
-    return ""
 
 
 def drain_until(rel, n, timeout=10.0):
@@ -120,7 +111,7 @@ def run_script(packet_bed, smm_factory, argv_head, reset):
                             text=True)
     steps = []
     try:
-        line = _wait_line(proc, 15)
+        line = wait_line(proc, 15)
         assert line.strip() == "ready", (line, proc.poll())
         for i, (name, pkt, ok) in enumerate(SCRIPT):
             assert ingress.on_packet(i + 1, pkt) == QUEUED

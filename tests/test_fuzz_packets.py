@@ -35,6 +35,7 @@ from pktbuild import checksums_ok, ipv4, ipv6, ref_checksum
 from pmm.checksum import fix_checksums
 from pmm.core import DROP_OVERSIZE, QUEUED
 from pmm.parse import Parsed, parse, problem_kind
+from nettools import wait_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 20261127
@@ -397,16 +398,6 @@ def test_ingress_counts_every_malformed_packet_by_reason(packet_bed):
 
 
 # ------------------------------------------------------------------------------ the trackers
-def _wait_line(proc, timeout):
-    import select
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if r:
-            return proc.stdout.readline()
-        if proc.poll() is not None:
-            break
-    return ""
 
 
 @pytest.mark.cbuild
@@ -430,7 +421,7 @@ def test_trackers_give_every_malformed_packet_a_verdict(packet_bed, smm_factory,
     rng = random.Random(SEED + 5)
     fed = 0
     try:
-        assert _wait_line(proc, 15).strip() == "ready", proc.poll()
+        assert wait_line(proc, 15).strip() == "ready", proc.poll()
         for i, (case, pkt) in enumerate(mutations(rng)):
             if i % 25 or len(pkt) > ingress.mtu:
                 continue
