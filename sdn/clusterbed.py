@@ -115,29 +115,36 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
 
-# Clients: one TCP connection per (source address, index); each sends a numbered 64-byte
-# request every `interval` s and checks the echo. On SIGTERM (or after `secs`) prints one JSON
-# line per connection: source, exchanges done, the largest gap between answers, and the error
-# that ended it, if any. "progress" lines ("tick <t> <done>") let the test see traffic flow.
+# The echo clients of the failover tests and bench, the demo and the fault matrix: one TCP
+# connection per (source address, index), each sending a numbered 64-byte request every
+# `interval` s and checking the echo.
+#   argv: srcs(comma-separated) dst port per interval secs [samples]
+# secs 0: until SIGTERM. SIGUSR1 marks a moment (a kill, a fault). Every 0.1 s a progress line
+# "tick <t since start> <connections ended>". On SIGTERM (or after secs) one JSON line per
+# connection: src, k, done, error and its kind (reset, timeout, mismatch, other) and time,
+# first_after_mark (its first answer after the mark), answers (every answer time after the
+# mark), last, and with `samples` every exchange as (t since start, round trip ms); then "end".
 CLIENTS = r"""
 import json, signal, socket, sys, threading, time
 srcs, dst, port, per, interval, secs = (sys.argv[1].split(","), sys.argv[2], int(sys.argv[3]),
                                         int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]))
+keep_samples = len(sys.argv) > 7 and sys.argv[7] == "samples"
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *a: stop.set())
-mark = []  # SIGUSR1 marks a moment (the kill): each connection notes its first answer after
+mark = []
 signal.signal(signal.SIGUSR1, lambda *a: mark.append(time.monotonic()))
+t0 = time.monotonic()
 results = []
 def conn(src, k):
-    r = {"src": src, "k": k, "done": 0, "max_gap": 0.0, "error": None, "after": [],
-         "first_after_mark": None}
+    r = {"src": src, "k": k, "done": 0, "error": None, "kind": None, "error_at": None,
+         "first_after_mark": None, "answers": [], "last": 0.0, "samples": []}
     try:
         s = socket.create_connection((dst, port), timeout=10, source_address=(src, 0))
         s.settimeout(10)
-        last = time.monotonic()
         i = 0
         while not stop.is_set():
             msg = (b"%s/%d/%08d/" % (src.encode(), k, i)).ljust(64, b".")
+            t = time.monotonic()
             s.sendall(msg)
             got = b""
             while len(got) < 64:
@@ -146,35 +153,38 @@ def conn(src, k):
                     raise ConnectionError("closed by peer")
                 got += d
             if got != msg:
-                raise ValueError(f"echo mismatch at {i}")
+                r["kind"] = "mismatch"
+                raise ValueError(f"echo mismatch at {i}: {got[:40]!r}")
             now = time.monotonic()
-            if mark and r["first_after_mark"] is None and now > mark[0]:
-                r["first_after_mark"] = now
-            r["max_gap"] = max(r["max_gap"], now - last)
-            r["after"].append(now)
-            del r["after"][:-5]
-            last = now
+            if mark and now > mark[0]:
+                r["answers"].append(round(now, 4))
+                if r["first_after_mark"] is None:
+                    r["first_after_mark"] = now
+            if keep_samples:
+                r["samples"].append((round(t - t0, 4), round((now - t) * 1000, 3)))
+            r["last"] = now
             i += 1
             r["done"] = i
-            stop.wait(interval)
+            stop.wait(max(0.0, interval - (now - t)))  # (one request per interval)
         s.close()
     except Exception as e:
         r["error"] = f"{type(e).__name__}: {e}"
+        r["error_at"] = round(time.monotonic() - t0, 3)
+        if r["kind"] is None:
+            r["kind"] = ("timeout" if isinstance(e, (socket.timeout, TimeoutError)) else
+                         "reset" if isinstance(e, ConnectionResetError) else "other")
     results.append(r)
 threads = [threading.Thread(target=conn, args=(src, k)) for src in srcs for k in range(per)]
 for t in threads:
     t.start()
 print("started", flush=True)
-t0 = time.monotonic()
-while not stop.wait(0.2):
-    print("tick %.1f %d" % (time.monotonic() - t0, len(results)), flush=True)
-    if time.monotonic() - t0 > secs:
+while not stop.wait(0.1):
+    print("tick %.2f %d" % (time.monotonic() - t0, len(results)), flush=True)
+    if secs and time.monotonic() - t0 > secs:
         stop.set()
 for t in threads:
     t.join(15)
 for r in results:
-    r["last"] = r["after"][-1] if r["after"] else 0.0
-    del r["after"]
     print(json.dumps(r), flush=True)
 print("end", flush=True)
 """

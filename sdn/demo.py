@@ -34,57 +34,6 @@ FLOWS = 10
 DEMO_CAPACITY = 65536
 INTERVAL = 0.05
 
-# Each connection sends a numbered request every INTERVAL and times its echo; on SIGTERM (or
-# after `secs`) one JSON line per connection with its samples [(t since start, rtt ms)].
-CLIENTS = r"""
-import json, signal, socket, sys, threading, time
-srcs, dst, port, interval, secs = (sys.argv[1].split(","), sys.argv[2], int(sys.argv[3]),
-                                   float(sys.argv[4]), float(sys.argv[5]))
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *a: stop.set())
-t0 = time.monotonic()
-out = []
-def conn(k, src):
-    r = {"src": src, "k": k, "samples": [], "error": None}
-    try:
-        s = socket.create_connection((dst, port), timeout=10, source_address=(src, 0))
-        s.settimeout(10)
-        i = 0
-        while not stop.is_set():
-            msg = (b"%d/%08d/" % (k, i)).ljust(64, b".")
-            t = time.monotonic()
-            s.sendall(msg)
-            got = b""
-            while len(got) < 64:
-                d = s.recv(64 - len(got))
-                if not d:
-                    raise ConnectionError("closed by peer")
-                got += d
-            if got != msg:
-                raise ValueError("echo mismatch")
-            now = time.monotonic()
-            r["samples"].append((round(t - t0, 4), round((now - t) * 1000, 3)))
-            i += 1
-            stop.wait(max(0.0, interval - (now - t)))
-    except Exception as e:
-        r["error"] = f"{type(e).__name__}: {e}"
-        r["error_at"] = round(time.monotonic() - t0, 3)
-    out.append(r)
-threads = [threading.Thread(target=conn, args=(k, src)) for k, src in enumerate(srcs)]
-for t in threads:
-    t.start()
-print("started", flush=True)
-while not stop.wait(0.1):
-    print("tick %.1f" % (time.monotonic() - t0), flush=True)
-    if time.monotonic() - t0 > secs:
-        stop.set()
-for t in threads:
-    t.join(15)
-for r in out:
-    print(json.dumps(r), flush=True)
-print("end", flush=True)
-"""
-
 WHOLE_BOX = """groups:
   box: {id: 1, target: r2, frequency_hz: 40}
 policies:
@@ -111,8 +60,8 @@ def _sources(bed, mode: str) -> list[str]:
 
 
 def run_mode(mode: str, base, tmp: Path, secs: float, capacity: int, index: int) -> dict:
-    from sdn.clusterbed import (ECHO_PORT, ECHO_SERVER, HOSTS, Cluster, Lines, client_ips,
-                                first_steering)
+    from sdn.clusterbed import (CLIENTS, ECHO_PORT, ECHO_SERVER, HOSTS, Cluster, Lines,
+                                client_ips, first_steering)
     from sdn.testbed import SwitchedBed
     bed = SwitchedBed(HOSTS, first_steering, prefix=f"pd{os.getpid() % 100}", base_dir=tmp,
                       index=index, ipv6=False)
@@ -133,7 +82,7 @@ def run_mode(mode: str, base, tmp: Path, secs: float, capacity: int, index: int)
                               str(ECHO_PORT)], stdout=subprocess.PIPE, text=True)
         Lines(srv.stdout).expect("listening", timeout=10)
         cl = bed.exec("c1", [sys.executable, "-c", CLIENTS, ",".join(srcs), bed.host_ip("s1"),
-                             str(ECHO_PORT), str(INTERVAL), str(secs)],
+                             str(ECHO_PORT), "1", str(INTERVAL), str(secs), "samples"],
                       stdout=subprocess.PIPE, text=True)
         lines = Lines(cl.stdout)
         lines.expect("started", timeout=30)

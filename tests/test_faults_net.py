@@ -36,7 +36,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sdn.clusterbed import ECHO_PORT, ECHO_SERVER, HOSTS, Cluster, Lines, client_ips, \
+from sdn.clusterbed import CLIENTS, ECHO_PORT, ECHO_SERVER, HOSTS, Cluster, Lines, client_ips, \
     first_steering  # noqa: E402
 from sdn.testbed import SwitchedBed, _nsexec, _pid_alive, _run  # noqa: E402
 
@@ -77,64 +77,6 @@ EXPECT = {
     # backups answer (rm/server.py, the probe).
     "control-partition": ("none", 0),
 }
-
-# Clients as sdn.clusterbed.CLIENTS, keeping every answer time after the SIGUSR1 mark (the
-# fault) and the kind of error that ended a connection.
-FAULT_CLIENTS = r"""
-import json, signal, socket, sys, threading, time
-srcs, dst, port, per, interval = (sys.argv[1].split(","), sys.argv[2], int(sys.argv[3]),
-                                  int(sys.argv[4]), float(sys.argv[5]))
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *a: stop.set())
-mark = []
-signal.signal(signal.SIGUSR1, lambda *a: mark.append(time.monotonic()))
-results = []
-def conn(src, k):
-    r = {"src": src, "k": k, "done": 0, "error": None, "kind": None, "answers": [], "last": 0.0}
-    try:
-        s = socket.create_connection((dst, port), timeout=10, source_address=(src, 0))
-        s.settimeout(10)
-        i = 0
-        while not stop.is_set():
-            msg = (b"%s/%d/%08d/" % (src.encode(), k, i)).ljust(64, b".")
-            s.sendall(msg)
-            got = b""
-            while len(got) < 64:
-                d = s.recv(64 - len(got))
-                if not d:
-                    raise ConnectionError("closed by peer")
-                got += d
-            if got != msg:
-                r["kind"] = "mismatch"
-                raise ValueError(f"echo mismatch at {i}: {got[:40]!r}")
-            now = time.monotonic()
-            if mark:
-                r["answers"].append(round(now, 4))
-            r["last"] = now
-            i += 1
-            r["done"] = i
-            stop.wait(interval)
-        s.close()
-    except Exception as e:
-        r["error"] = f"{type(e).__name__}: {e}"
-        if r["kind"] is None:
-            r["kind"] = ("timeout" if isinstance(e, (socket.timeout, TimeoutError)) else
-                         "reset" if isinstance(e, ConnectionResetError) else "other")
-    results.append(r)
-threads = [threading.Thread(target=conn, args=(src, k)) for src in srcs for k in range(per)]
-for t in threads:
-    t.start()
-print("started", flush=True)
-t0 = time.monotonic()
-while not stop.wait(0.2):
-    print("tick %.2f %d" % (time.monotonic() - t0, len(results)), flush=True)
-for t in threads:
-    t.join(15)
-for r in results:
-    print(json.dumps(r), flush=True)
-print("end", flush=True)
-"""
-
 
 @pytest.fixture
 def bed(tmp_path):
@@ -321,8 +263,8 @@ def run_scenario(bed, tmp_path, scenario: str) -> dict:
         srv = bed.exec("s1", [sys.executable, "-c", ECHO_SERVER, bed.host_ip("s1"),
                               str(ECHO_PORT)], stdout=subprocess.PIPE, text=True)
         Lines(srv.stdout).expect("listening", timeout=10)
-        cl = bed.exec("c1", [sys.executable, "-c", FAULT_CLIENTS, ",".join(client_ips(bed)),
-                             bed.host_ip("s1"), str(ECHO_PORT), str(PER), "0.05"],
+        cl = bed.exec("c1", [sys.executable, "-c", CLIENTS, ",".join(client_ips(bed)),
+                             bed.host_ip("s1"), str(ECHO_PORT), str(PER), "0.05", "0"],
                       stdout=subprocess.PIPE, text=True)
         lines = Lines(cl.stdout)
         lines.expect("started", timeout=20)
