@@ -225,12 +225,7 @@ class EvalBed:
             c0, t_a = cpu_seconds(list(roles.values())), time.monotonic()
             lines.expect("done", timeout=secs + 30)
             c1, t_b = cpu_seconds(list(roles.values())), time.monotonic()
-            records = []
-            while True:
-                line = lines.expect(lambda s: s.startswith("{") or s == "end", timeout=60)
-                if line == "end":
-                    break
-                records.append(json.loads(line))
+            records = lines.records(60)
             cl.wait(30)
         finally:
             if cl.poll() is None:

@@ -12,7 +12,6 @@ checkpointed): its moved connections break.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -67,12 +66,7 @@ def _run(n_on_r1: int, ha: bool, tmp: Path) -> dict:
             cluster.wait_log("sdn", "failover of r1 done", timeout=30)
         time.sleep(3.0)  # the moved connections' retransmissions reach their new replica
         cl.terminate()
-        out = []
-        while True:
-            line = lines.expect(lambda s: s.startswith("{") or s == "end", timeout=60)
-            if line == "end":
-                break
-            out.append(json.loads(line))
+        out = lines.records(60)
         moved = [r for r in out if r["src"] in r1_ips]
         gaps = [r["first_after_mark"] - t_kill for r in moved
                 if r["first_after_mark"] and not r["error"]]

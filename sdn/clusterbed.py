@@ -79,6 +79,18 @@ class Lines:
             if test(line):
                 return line
 
+    def records(self, timeout: float) -> list[dict]:
+        """The JSON lines a client script prints at its end (one per connection), up to its
+        "end" line, all within `timeout` s."""
+        import json
+        out, deadline = [], time.monotonic() + timeout
+        while True:
+            line = self.expect(lambda s: s.startswith("{") or s == "end",
+                               timeout=max(0.1, deadline - time.monotonic()))
+            if line == "end":
+                return out
+            out.append(json.loads(line))
+
     def drain(self, quiet: float) -> list[str]:
         """Lines that arrive until the stream stays quiet for `quiet` seconds."""
         out = []

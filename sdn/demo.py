@@ -96,12 +96,7 @@ def run_mode(mode: str, base, tmp: Path, secs: float, capacity: int, index: int)
         cluster.wait_log("sdn", "failover of r1 done", timeout=30)
         _say(f"[{mode}] pico-sdn: " + [ln for ln in cluster.log_text("sdn").splitlines()
                                        if "failover of r1 done" in ln][-1].split("INFO ")[-1])
-        results = []
-        while True:
-            line = lines.expect(lambda s: s.startswith("{") or s == "end", timeout=secs + 60)
-            if line == "end":
-                break
-            results.append(json.loads(line))
+        results = lines.records(secs + 60)
         return summarize(mode, results, t_kill)
     finally:
         for p in (cl, srv):

@@ -48,15 +48,6 @@ def _clients(bed, per: int, secs: float):
     return srv, cl, lines
 
 
-def _results(lines: Lines, timeout: float = 40.0) -> list[dict]:
-    out = []
-    deadline = time.monotonic() + timeout
-    while True:
-        line = lines.expect(lambda s: s.startswith("{") or s == "end",
-                            timeout=max(0.1, deadline - time.monotonic()))
-        if line == "end":
-            return out
-        out.append(json.loads(line))
 
 
 def _on_r1(cluster, bed) -> set[str]:
@@ -83,7 +74,7 @@ def run_failover(bed, tmp_path, order: str, hold_ms: int, delay_ms: int = 0,
         else:
             cluster.kill_replica("r1")
         cluster.wait_log("sdn", "failover of r1 done", timeout=20)
-        results = _results(lines)
+        results = lines.records(40.0)
         return cluster, results, t_kill
     finally:
         for p in (cl, srv):
@@ -156,7 +147,7 @@ def test_a_restarted_controller_adopts_the_view_and_still_fails_over(bed, tmp_pa
         t_kill = time.monotonic()
         cluster.kill_replica("r2")
         cluster.wait_log("sdn", "failover of r2 done", timeout=20)
-        results = _results(lines)
+        results = lines.records(40.0)
     finally:
         for p in (cl, srv):
             if p is not None and p.poll() is None:
@@ -182,7 +173,7 @@ def _traffic_around(bed, cluster, action, secs=10.0):
         lines.expect(lambda s: s.startswith("tick 2."), timeout=20)
         t = time.monotonic()
         action()
-        return _results(lines), t
+        return lines.records(40.0), t
     finally:
         for p in (cl, srv):
             if p is not None and p.poll() is None:

@@ -108,14 +108,6 @@ def _await(cond, timeout: float, step: float = 0.05) -> bool:
     return True
 
 
-def _results(lines: Lines, timeout: float = 45.0) -> list[dict]:
-    out, deadline = [], time.monotonic() + timeout
-    while True:
-        line = lines.expect(lambda s: s.startswith("{") or s == "end",
-                            timeout=max(0.1, deadline - time.monotonic()))
-        if line == "end":
-            return out
-        out.append(json.loads(line))
 
 
 def _audit(path: Path) -> tuple[int, list[dict]]:
@@ -329,7 +321,7 @@ def run_scenario(bed, tmp_path, scenario: str) -> dict:
             lines.expect(lambda s: _tick(s) is not None, timeout=30)
         unprotected = _unprotected(cluster) if scenario == "control-partition" else []
         cl.send_signal(signal.SIGTERM)
-        results = _results(lines)
+        results = lines.records(45.0)
         sdn_logs = "\n".join(p.read_text(errors="replace")
                              for p in sorted(tmp_path.glob("sdn*.log")))
         # No bucket rule left: the switch forwards client <-> server directly, around every
